@@ -1,0 +1,73 @@
+"""kfast: a Cython-accelerated Kafka consumer with bounded memory.
+
+Public names are imported lazily so that ``import kfast`` stays cheap and a
+user of the decoders never pays for the runtime's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from kfast.errors import (
+    ConfigError,
+    DecodeError,
+    KfastError,
+    PermanentSinkError,
+    RetryExhausted,
+    SinkError,
+    TransientSinkError,
+)
+from kfast.row_error import RowError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Batch": "kfast._batch",
+    "AvroDecoder": "kfast.avro",
+    "ConfluentDecoder": "kfast.confluent",
+    "ProtobufDecoder": "kfast.protobuf",
+    "Pipeline": "kfast.pipeline",
+    "BatchPolicy": "kfast.policies",
+    "BufferPolicy": "kfast.policies",
+    "RetryPolicy": "kfast.retry",
+    "DeadLetterPolicy": "kfast.dlq",
+    "Sink": "kfast.sinks",
+    "CallableSink": "kfast.sinks",
+    "NullSink": "kfast.sinks",
+    "PostgresSink": "kfast.sinks.postgres",
+}
+
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "KfastError",
+    "PermanentSinkError",
+    "RetryExhausted",
+    "RowError",
+    "SinkError",
+    "TransientSinkError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # pragma: no cover - names for type checkers
+    from kfast._batch import Batch
+    from kfast.avro import AvroDecoder
+    from kfast.confluent import ConfluentDecoder
+    from kfast.dlq import DeadLetterPolicy
+    from kfast.pipeline import Pipeline
+    from kfast.policies import BatchPolicy, BufferPolicy
+    from kfast.protobuf import ProtobufDecoder
+    from kfast.retry import RetryPolicy
+    from kfast.sinks import CallableSink, NullSink, Sink
+    from kfast.sinks.postgres import PostgresSink

@@ -1,0 +1,69 @@
+"""How a Batch's flat columns compose into one row (used by ``to_pylist``).
+
+Decoders describe their output with these nodes; the Batch walks them to
+rebuild Python values column by column. Column numbers index ``Batch.names``.
+
+``ValueNode.conv`` names the Python conversion applied to the stored
+physical value, so ``to_pylist`` matches the reference decoders:
+
+=====================  ==================  ==========================================
+conv                   column kind         Python value
+=====================  ==================  ==========================================
+``int``                INT32 / INT64       ``int``
+``float``              FLOAT32 / FLOAT64   ``float``
+``bool``               BOOL                ``bool``
+``str``                BINARY (UTF-8)      ``str``
+``bytes``              BINARY              ``bytes``
+``enum``               INT32 index         ``arg[index]`` (symbol); out-of-range stays ``int``
+``date``               INT32 days          ``datetime.date``
+``time-millis``        INT32               ``datetime.time``
+``time-micros``        INT64               ``datetime.time``
+``timestamp-millis``   INT64               tz-aware UTC ``datetime``
+``timestamp-micros``   INT64               tz-aware UTC ``datetime``
+``timestamp-nanos``    INT64               as fastavro returns it (see docs/avro.md)
+``local-timestamp-*``  INT64               naive ``datetime``
+``decimal``            BINARY (two's c.)   ``decimal.Decimal``; ``arg`` = scale
+``uuid``               BINARY              ``uuid.UUID``
+``duration``           BINARY (12 bytes)   as fastavro returns it
+``null``               (no column)         ``None``
+=====================  ==================  ==========================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+
+@dataclass(frozen=True)
+class ValueNode:
+    col: int
+    conv: str
+    arg: Any = None
+
+
+@dataclass(frozen=True)
+class ListNode:
+    col: int          # LIST column
+    item: "Node"
+
+
+@dataclass(frozen=True)
+class MapNode:
+    col: int          # LIST column; its slots are the entries
+    key: "Node"
+    value: "Node"
+
+
+@dataclass(frozen=True)
+class RecordNode:
+    fields: tuple[tuple[str, "Node"], ...]
+    valid_col: int = -1   # STRUCT column giving presence of a nullable record, or -1
+
+
+@dataclass(frozen=True)
+class ObjectNode:
+    col: int          # OBJECT column; values already converted to Python objects
+
+
+Node = Union[ValueNode, ListNode, MapNode, RecordNode, ObjectNode]

@@ -1,0 +1,62 @@
+"""Build the Cython extensions.
+
+Switches (environment variables):
+  KFAST_DEBUG=1     line tracing, assertions, -O0 -g (for coverage and gdb)
+  KFAST_ANNOTATE=1  write cython -a HTML next to each .pyx
+  KFAST_ASAN=1      compile with AddressSanitizer (see docs/testing.md)
+"""
+
+import os
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+ROOT = Path(__file__).parent
+DEBUG = os.environ.get("KFAST_DEBUG") == "1"
+ANNOTATE = os.environ.get("KFAST_ANNOTATE") == "1"
+ASAN = os.environ.get("KFAST_ASAN") == "1"
+# Comma-separated path prefixes: build only matching extensions (fast
+# iteration on one module, e.g. KFAST_ONLY=kfast/avro).
+ONLY = [p for p in os.environ.get("KFAST_ONLY", "").split(",") if p]
+
+
+def extensions() -> list:
+    compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+    link_args = []
+    macros = []
+    if DEBUG:
+        macros += [("CYTHON_TRACE_NOGIL", "1")]
+    else:
+        macros += [("NDEBUG", "1")]
+    if ASAN:
+        compile_args += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        link_args += ["-fsanitize=address"]
+    exts = []
+    for pyx in sorted(ROOT.glob("kfast/**/*.pyx")):
+        rel = pyx.relative_to(ROOT)
+        if ONLY and not any(str(rel).startswith(prefix) for prefix in ONLY):
+            continue
+        name = ".".join(rel.with_suffix("").parts)
+        exts.append(
+            Extension(
+                name,
+                [str(rel)],
+                extra_compile_args=compile_args,
+                extra_link_args=link_args,
+                define_macros=macros,
+            )
+        )
+    return cythonize(
+        exts,
+        annotate=ANNOTATE,
+        compiler_directives={
+            "language_level": 3,
+            "linetrace": DEBUG,
+            "embedsignature": True,
+        },
+        include_path=[str(ROOT)],
+    )
+
+
+setup(ext_modules=extensions())
