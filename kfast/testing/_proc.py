@@ -1,0 +1,163 @@
+"""Process and port helpers shared by the Kafka and PostgreSQL test services.
+
+Everything here is about not leaking anything: child servers are started in their own session
+(so a Ctrl-C in the terminal does not kill them behind the test session's back), with a
+parent-death signal when ``setpriv`` is available (so a SIGKILLed test session does not leave an
+orphan JVM or postmaster), and are stopped from an ``atexit`` hook as a last resort.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = [
+    "free_port",
+    "free_ports",
+    "log_tail",
+    "register_cleanup",
+    "stop_process",
+    "unregister_cleanup",
+    "wait_for_port",
+    "with_parent_death_signal",
+]
+
+_cleanups: dict[int, Callable[[], None]] = {}
+_cleanup_lock = threading.Lock()
+_atexit_installed = False
+
+
+def _run_cleanups() -> None:
+    with _cleanup_lock:
+        items = list(_cleanups.values())
+        _cleanups.clear()
+    for fn in reversed(items):
+        with contextlib.suppress(Exception):
+            fn()
+
+
+def register_cleanup(owner: object, fn: Callable[[], None]) -> None:
+    """Run ``fn`` at interpreter exit unless ``unregister_cleanup(owner)`` is called first."""
+    global _atexit_installed
+    with _cleanup_lock:
+        if not _atexit_installed:
+            atexit.register(_run_cleanups)
+            _atexit_installed = True
+        _cleanups[id(owner)] = fn
+
+
+def unregister_cleanup(owner: object) -> None:
+    with _cleanup_lock:
+        _cleanups.pop(id(owner), None)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct TCP ports that are free on ``host`` right now.
+
+    All sockets are held open until every port is chosen, so the ports are distinct.  Another
+    process may still take a port before the server binds it; callers retry on bind errors.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    deadline: float,
+    alive: Callable[[], bool] = lambda: True,
+) -> bool:
+    """Poll until ``host:port`` accepts connections, ``alive()`` is false or ``deadline`` passes."""
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        if port_is_open(host, port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def with_parent_death_signal(argv: Sequence[str], sig: str, user: str | None = None) -> list[str]:
+    """Prefix ``argv`` so that the child gets ``sig`` when this process dies (and runs as ``user``).
+
+    Uses util-linux ``setpriv``, which sets the credentials and the parent-death signal and then
+    execs ``argv`` (no intermediate process, so the pid we hold is the server's).  Without
+    setpriv the command runs unchanged (or through ``runuser`` when a user switch is needed);
+    the atexit hook is then the only protection against orphans.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        prefix = [setpriv]
+        if user is not None:
+            prefix += [f"--reuid={user}", f"--regid={user}", "--init-groups"]
+        prefix += ["--pdeathsig", sig, "--"]
+        return prefix + list(argv)
+    if user is not None:
+        runuser = shutil.which("runuser")
+        if runuser is not None:
+            return [runuser, "-u", user, "--", *argv]
+        import shlex
+
+        return ["su", user, "-s", "/bin/sh", "-c", shlex.join(argv)]
+    return list(argv)
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0
+) -> int | None:
+    """Send ``sig``, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        return proc.wait(timeout=10)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,159 @@
+"""pytest fixtures for real Kafka and PostgreSQL (entry point ``kfast`` in group ``pytest11``).
+
+Session-scoped services start lazily, the first time a test asks for them, and stop at the end of
+the session (also after Ctrl-C; an ``atexit`` hook and a parent-death signal catch crashes).  When a
+service cannot start, every test that needs it ERRORs with the reason: nothing is skipped.
+
+Fixtures:
+
+- ``kafka_broker`` (session): :class:`kfast.testing.KafkaBroker` (``.bootstrap``,
+  ``.create_topic``, ``.produce``, ``.restart``, ``.stop``, ``.start``).
+- ``kafka_bootstrap`` (session): ``"127.0.0.1:PORT"``.
+- ``kafka_consumer_config`` (session): ``kafka_consumer_config(group, **overrides) -> dict``.
+- ``pg_server`` (session): :class:`kfast.testing.PostgresServer` (``.dsn``, ``.stop``,
+  ``.start``, ``.restart``).  ``pg_dsn`` (session): its DSN.
+- ``unique_topic``, ``unique_group`` (function): fresh names per test.
+
+A test that leaves a session service stopped gets it started again after it finishes, so one
+failing "broker down" test does not cascade into the rest of the session.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from kfast.testing.kafka import KAFKA_VERSION, KafkaBroker
+from kfast.testing.postgres import PostgresServer
+
+__all__ = [
+    "kafka_bootstrap",
+    "kafka_broker",
+    "kafka_consumer_config",
+    "pg_dsn",
+    "pg_server",
+    "unique_group",
+    "unique_name",
+    "unique_topic",
+]
+
+_BROKER = pytest.StashKey[KafkaBroker]()
+_PG = pytest.StashKey[PostgresServer]()
+_REPORT = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "integration: needs the real Kafka broker and/or PostgreSQL started by kfast.testing",
+    )
+    config.stash[_REPORT] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lines = config.stash.get(_REPORT, [])
+    if lines:
+        terminalreporter.write_sep("-", "kfast.testing services")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def unique_name(prefix: str, nodename: str, max_len: int = 120) -> str:
+    """``<prefix>-<test name slug>-<8 hex>``: legal as a Kafka topic and group id."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", nodename).strip("-._") or "test"
+    suffix = uuid.uuid4().hex[:8]
+    room = max_len - len(prefix) - len(suffix) - 2
+    return f"{prefix}-{slug[:room]}-{suffix}"
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker()
+    try:
+        broker.start()
+    except BaseException:
+        broker.close()
+        raise
+    request.config.stash[_BROKER] = broker
+    if broker.external:
+        where = f"external broker {broker.bootstrap} (KFAST_TEST_BOOTSTRAP)"
+    else:
+        t = broker.timings
+        where = (
+            f"Apache Kafka {KAFKA_VERSION} on {broker.bootstrap}: ready in "
+            f"{t.get('total_s', 0):.1f} s (jars {t.get('fetch_s', 0):.1f} s, format "
+            f"{t.get('format_s', 0):.1f} s, start {t.get('start_s', 0):.1f} s)"
+        )
+    request.config.stash[_REPORT].append(where)
+    try:
+        yield broker
+    finally:
+        del request.config.stash[_BROKER]
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_consumer_config(kafka_broker: KafkaBroker) -> Callable[..., dict[str, Any]]:
+    """``kafka_consumer_config(group, **overrides)``: see :func:`kfast.testing.kafka.consumer_config`."""
+    return kafka_broker.consumer_config
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    request.config.stash[_PG] = server
+    if server.external:
+        where = "external PostgreSQL (KFAST_TEST_PG_DSN)"
+    else:
+        where = (
+            f"PostgreSQL on 127.0.0.1:{server.port}: ready in "
+            f"{server.timings.get('start_s', 0):.1f} s (initdb "
+            f"{server.timings.get('initdb_s', 0):.1f} s)"
+        )
+    request.config.stash[_REPORT].append(where)
+    try:
+        yield server
+    finally:
+        del request.config.stash[_PG]
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server: PostgresServer) -> str:
+    return pg_server.dsn
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> str:
+    return unique_name("t", request.node.name)
+
+
+@pytest.fixture
+def unique_group(request: pytest.FixtureRequest) -> str:
+    return unique_name("g", request.node.name)
+
+
+@pytest.fixture(autouse=True)
+def _kfast_restore_services(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, start again a session service that the test left stopped."""
+    yield
+    broker = request.config.stash.get(_BROKER, None)
+    if broker is not None and not broker.running:
+        broker.start()
+    server = request.config.stash.get(_PG, None)
+    if server is not None and not server.running:
+        server.start()
