@@ -1,0 +1,642 @@
+# cython: language_level=3
+"""The ring: a preallocated arena between the Kafka consumer and the decoder.
+
+Capacity is fixed at construction, in messages (slots) and in bytes (arena);
+nothing here grows with the backlog.
+
+* ``push(messages)`` (poll thread) copies each message's key, value and,
+  when ``keep_headers`` is set, its headers into the arena once; the caller
+  drops the ``confluent_kafka.Message`` objects right after (a held message
+  pins librdkafka's fetch buffer).
+* ``decode(decoder, start, count, batch)`` (worker thread) hands the decoder
+  pointers straight into the arena through ``BaseDecoder.decode_spans``; the
+  decoder releases the GIL while it parses, so polling continues meanwhile.
+* ``release(upto)`` (worker thread) frees slots in FIFO order once their batch
+  is durable.
+
+Both threads call in with the GIL held; only ``decode_spans`` runs without it
+and it reads only slots that ``release`` has not freed, while ``push`` writes
+only free space. That is the whole synchronisation.
+
+Per partition the ring keeps the next offset it expects. A message below it
+is a refetched duplicate and is dropped; a message that does not fit puts the
+partition in *rewind* state: it and every later message of that partition
+are dropped until the pipeline has sought the consumer back to the first
+missing offset (``rewinds()`` / ``seek_done()``). Together with pausing, this
+is how librdkafka's discard-and-refetch on pause loses and doubles nothing.
+
+Oversized messages: a message whose key + value (+ headers) exceed the arena
+is never copied and never makes the arena grow. The ring keeps a reference to
+its bytes in a single overflow slot; only one oversized message may be
+outstanding, so the extra memory is bounded by librdkafka's own limit on a
+message (``fetch.max.bytes`` / ``receive.message.max.bytes``). It is decoded
+like any other message; until it is released, further oversized messages
+wait (their partition rewinds).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_Check
+from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy
+
+from kfast._batch cimport Batch, BaseDecoder
+
+cdef enum:
+    F_TOMBSTONE = 1     # value is None
+    F_KEY = 2           # key present (klen may be 0)
+    F_HEADERS = 4       # headers serialised after the value
+    F_OVERSIZED = 8     # payload held in the overflow slot, not the arena
+
+cdef enum:
+    R_NONE = 0
+    R_NEED_SEEK = 1     # drop every message of the partition until sought back
+
+cdef struct Slot:
+    int64_t offset
+    int64_t timestamp
+    Py_ssize_t aoff      # where the record starts in the arena
+    Py_ssize_t alen      # key + value + headers bytes in the arena
+    Py_ssize_t vlen
+    int32_t klen
+    int32_t hlen
+    int32_t part         # index into the partition table
+    int32_t gen          # the partition's assignment generation at push time
+    int32_t flags
+
+SLOT_SIZE = sizeof(Slot)
+
+
+cdef class Ring:
+    cdef Slot* slots
+    cdef unsigned char* arena
+    cdef readonly Py_ssize_t capacity_messages
+    cdef readonly Py_ssize_t capacity_bytes
+    cdef readonly bint keep_headers
+    cdef readonly int64_t head       # next sequence number to write
+    cdef readonly int64_t tail       # oldest live sequence number
+    cdef Py_ssize_t wpos, rpos       # arena write position, start of the oldest record
+    cdef readonly Py_ssize_t payload_bytes   # live key+value+header bytes
+    cdef dict overflow               # seq -> (key, value, headers) of the oversized message
+    # partition table (grows with distinct partitions seen, never with messages)
+    cdef Py_ssize_t nparts, cap_parts
+    cdef int64_t* expected
+    cdef int64_t* rewind_at
+    cdef int32_t* rstate
+    cdef int32_t* gen
+    cdef int32_t* assigned
+    cdef list topics
+    cdef list partitions
+    cdef dict index
+    # reusable pointer arrays for decode (grown to the largest batch once)
+    cdef const unsigned char** ptrs
+    cdef Py_ssize_t* lens
+    cdef Py_ssize_t cap_ptrs
+    # counters
+    cdef readonly int64_t pushed
+    cdef readonly int64_t dropped_duplicate
+    cdef readonly int64_t dropped_rewind
+    cdef readonly int64_t dropped_unassigned
+    cdef readonly int64_t rewinds_started
+    cdef readonly int64_t oversized
+    cdef readonly int64_t gaps
+    cdef readonly int64_t tombstones
+    cdef readonly int64_t abandoned
+    cdef public list errors          # KafkaError objects seen by push (not EOF)
+
+    def __cinit__(self, Py_ssize_t max_messages, Py_ssize_t max_bytes, bint keep_headers=False):
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        if max_bytes < 1 or max_bytes > 0x7FFFFFFF:
+            raise ValueError(f"max_bytes must be in [1, 2147483647], got {max_bytes}")
+        self.slots = <Slot*>calloc(max_messages, sizeof(Slot))
+        self.arena = <unsigned char*>malloc(max_bytes)
+        if self.slots == NULL or self.arena == NULL:
+            raise MemoryError(f"cannot allocate a ring of {max_messages} slots / {max_bytes} bytes")
+        self.capacity_messages = max_messages
+        self.capacity_bytes = max_bytes
+        self.keep_headers = keep_headers
+        self.overflow = {}
+        self.topics = []
+        self.partitions = []
+        self.index = {}
+        self.errors = []
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.arena)
+        free(self.expected)
+        free(self.rewind_at)
+        free(self.rstate)
+        free(self.gen)
+        free(self.assigned)
+        free(self.ptrs)
+        free(self.lens)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def used_messages(self):
+        return self.head - self.tail
+
+    @property
+    def used_bytes(self):
+        """Arena bytes unavailable for new records (live records + wrap gap)."""
+        if self.head == self.tail:
+            return 0
+        if self.wpos >= self.rpos:
+            return self.wpos - self.rpos
+        return self.capacity_bytes - self.rpos + self.wpos
+
+    def fill(self):
+        """Fill fraction: the larger of messages and bytes."""
+        return max((self.head - self.tail) / self.capacity_messages,
+                   self.used_bytes / self.capacity_bytes)
+
+    # -------------------------------------------------------- partition table
+    cdef int _grow_parts(self) except -1:
+        cdef Py_ssize_t cap = self.cap_parts * 2 if self.cap_parts else 16
+        cdef void* p
+        p = realloc(self.expected, cap * sizeof(int64_t))
+        if p == NULL:
+            raise MemoryError()
+        self.expected = <int64_t*>p
+        p = realloc(self.rewind_at, cap * sizeof(int64_t))
+        if p == NULL:
+            raise MemoryError()
+        self.rewind_at = <int64_t*>p
+        p = realloc(self.rstate, cap * sizeof(int32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.rstate = <int32_t*>p
+        p = realloc(self.gen, cap * sizeof(int32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.gen = <int32_t*>p
+        p = realloc(self.assigned, cap * sizeof(int32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.assigned = <int32_t*>p
+        self.cap_parts = cap
+        return 0
+
+    cpdef int partition_index(self, str topic, int partition) except -1:
+        """Index of (topic, partition) in the table, adding it if new."""
+        key = (topic, partition)
+        idx = self.index.get(key)
+        if idx is not None:
+            return idx
+        if self.nparts == self.cap_parts:
+            self._grow_parts()
+        i = self.nparts
+        self.expected[i] = -1
+        self.rewind_at[i] = -1
+        self.rstate[i] = R_NONE
+        self.gen[i] = 0
+        self.assigned[i] = 0
+        self.topics.append(topic)
+        self.partitions.append(partition)
+        self.index[key] = i
+        self.nparts += 1
+        return i
+
+    def assign(self, str topic, int partition):
+        """Start accepting messages of a newly assigned partition (new generation)."""
+        cdef int i = self.partition_index(topic, partition)
+        self.gen[i] += 1
+        self.assigned[i] = 1
+        self.expected[i] = -1
+        self.rewind_at[i] = -1
+        self.rstate[i] = R_NONE
+        return i
+
+    def revoke(self, str topic, int partition):
+        """Stop accepting a partition; its slots still in the ring are abandoned
+        (skipped by decode, never acknowledged)."""
+        key = (topic, partition)
+        idx = self.index.get(key)
+        if idx is None:
+            return -1
+        cdef int i = idx
+        self.gen[i] += 1
+        self.assigned[i] = 0
+        self.expected[i] = -1
+        self.rewind_at[i] = -1
+        self.rstate[i] = R_NONE
+        return i
+
+    def generation(self, int i):
+        return self.gen[i]
+
+    def topic_partition(self, int i):
+        return self.topics[i], self.partitions[i]
+
+    def expected_offset(self, str topic, int partition):
+        """Next offset the ring will accept for the partition (-1: any)."""
+        idx = self.index.get((topic, partition))
+        if idx is None:
+            return -1
+        return self.expected[<int>idx]
+
+    def rewinds(self):
+        """[(topic, partition, offset)] partitions that must be sought back to ``offset``."""
+        cdef Py_ssize_t i
+        out = []
+        for i in range(self.nparts):
+            if self.rstate[i] == R_NEED_SEEK:
+                out.append((self.topics[i], self.partitions[i], self.rewind_at[i]))
+        return out
+
+    def seek_done(self, str topic, int partition):
+        """The consumer was sought back to the rewind offset: accept messages again."""
+        idx = self.index.get((topic, partition))
+        if idx is None:
+            return
+        cdef int i = idx
+        if self.rstate[i] == R_NEED_SEEK:
+            self.rstate[i] = R_NONE
+            self.expected[i] = self.rewind_at[i]
+            self.rewind_at[i] = -1
+
+    # ------------------------------------------------------------------ arena
+    cdef Py_ssize_t _alloc(self, Py_ssize_t n) noexcept:
+        """Arena offset for ``n`` contiguous bytes, or -1 when they do not fit now."""
+        cdef Py_ssize_t cap = self.capacity_bytes
+        if self.head == self.tail:
+            self.wpos = 0
+            self.rpos = 0
+            return 0 if n <= cap else -1
+        if self.wpos >= self.rpos:
+            if n <= cap - self.wpos:
+                return self.wpos
+            if n < self.rpos:
+                return 0          # wrap: [wpos, cap) stays unused until the reader passes it
+            return -1
+        if n < self.rpos - self.wpos:
+            return self.wpos
+        return -1
+
+    cdef inline void _start_rewind(self, int p, int64_t offset) noexcept:
+        self.rstate[p] = R_NEED_SEEK
+        self.rewind_at[p] = offset
+        self.rewinds_started += 1
+
+    def push(self, list messages):
+        """Copy messages into the ring; return how many were stored.
+
+        Messages are ``confluent_kafka.Message`` objects (or objects with the
+        same methods). Error messages are appended to ``errors`` (partition
+        EOF is ignored). Messages that do not fit start a rewind of their
+        partition (see the module docstring); the caller must pause and seek.
+        """
+        cdef Py_ssize_t n = len(messages)
+        cdef Py_ssize_t stored = 0, i
+        cdef int p = -1, last_part = -1
+        cdef int64_t off
+        cdef Py_ssize_t klen, vlen, hlen, need, aoff
+        cdef Slot* s
+        cdef int32_t flags
+        cdef object last_topic = None
+        if n == 0:
+            return 0
+        tp = type(messages[0])
+        m_error = tp.error
+        m_topic = tp.topic
+        m_partition = tp.partition
+        m_offset = tp.offset
+        m_key = tp.key
+        m_value = tp.value
+        m_timestamp = tp.timestamp
+        m_headers = tp.headers
+        for i in range(n):
+            msg = messages[i]
+            err = m_error(msg)
+            if err is not None:
+                if err.code() != -191:    # KafkaError._PARTITION_EOF
+                    self.errors.append(err)
+                continue
+            topic = m_topic(msg)
+            part = m_partition(msg)
+            if part != last_part or topic != last_topic:
+                idx = self.index.get((topic, part))
+                if idx is None:
+                    self.dropped_unassigned += 1
+                    continue
+                p = idx
+                last_part = part
+                last_topic = topic
+            if not self.assigned[p]:
+                self.dropped_unassigned += 1
+                continue
+            if self.rstate[p] == R_NEED_SEEK:
+                self.dropped_rewind += 1
+                continue
+            off = m_offset(msg)
+            if self.expected[p] >= 0:
+                if off < self.expected[p]:
+                    self.dropped_duplicate += 1
+                    continue
+                if off > self.expected[p]:
+                    self.gaps += 1      # compaction / transaction markers, or a refetch hole
+            if self.head - self.tail >= self.capacity_messages:
+                self._start_rewind(p, off)
+                self.dropped_rewind += 1
+                continue
+            key = m_key(msg)
+            value = m_value(msg)
+            flags = 0
+            klen = 0
+            vlen = 0
+            hlen = 0
+            hbytes = None
+            if key is not None:
+                flags |= F_KEY
+                klen = len(key)
+            if value is None:
+                flags |= F_TOMBSTONE
+            else:
+                vlen = len(value)
+            if self.keep_headers:
+                headers = m_headers(msg)
+                if headers:
+                    hbytes = _encode_headers(headers)
+                    hlen = PyBytes_GET_SIZE(hbytes)
+                    flags |= F_HEADERS
+            need = klen + vlen + hlen
+            if need > self.capacity_bytes:
+                if self.overflow:
+                    self._start_rewind(p, off)
+                    self.dropped_rewind += 1
+                    continue
+                flags |= F_OVERSIZED
+                self.overflow[self.head] = (
+                    None if key is None else bytes(key),
+                    None if value is None else bytes(value),
+                    hbytes,
+                )
+                aoff = self.wpos if self.head != self.tail else 0
+                need = 0
+                self.oversized += 1
+            else:
+                aoff = self._alloc(need)
+                if aoff < 0:
+                    self._start_rewind(p, off)
+                    self.dropped_rewind += 1
+                    continue
+                if klen:
+                    _copy_into(self.arena + aoff, key, klen)
+                if vlen:
+                    _copy_into(self.arena + aoff + klen, value, vlen)
+                if hlen:
+                    memcpy(self.arena + aoff + klen + vlen, PyBytes_AS_STRING(hbytes), hlen)
+            s = &self.slots[self.head % self.capacity_messages]
+            s.offset = off
+            ts = m_timestamp(msg)
+            s.timestamp = ts[1] if ts[0] != 0 else -1
+            s.aoff = aoff
+            s.alen = need
+            s.vlen = vlen
+            s.klen = <int32_t>klen
+            s.hlen = <int32_t>hlen
+            s.part = p
+            s.gen = self.gen[p]
+            s.flags = flags
+            if self.head == self.tail:
+                self.rpos = aoff
+            self.wpos = aoff + need
+            self.head += 1
+            self.payload_bytes += need
+            self.expected[p] = off + 1
+            stored += 1
+        self.pushed += stored
+        return stored
+
+    # ---------------------------------------------------------------- reading
+    def span(self, int64_t start, Py_ssize_t max_rows, Py_ssize_t max_bytes):
+        """How many slots from ``start`` form the next batch: at most ``max_rows``
+        and (beyond the first) ``max_bytes`` of payload. Returns (count, bytes)."""
+        cdef int64_t s = start
+        cdef Py_ssize_t total = 0, count = 0, b
+        cdef Slot* sl
+        if start < self.tail:
+            raise ValueError(f"slot {start} was already released (tail {self.tail})")
+        while s < self.head and count < max_rows:
+            sl = &self.slots[s % self.capacity_messages]
+            b = sl.vlen
+            if count and total + b > max_bytes:
+                break
+            total += b
+            count += 1
+            s += 1
+        return count, total
+
+    def decode(self, BaseDecoder decoder, int64_t start, Py_ssize_t count, Batch out):
+        """Decode slots [start, start + count) into ``out``; return a RingView.
+
+        Slots of partitions revoked since they were pushed are skipped, and so
+        are tombstones (no value to decode; they still count as processed).
+        The view maps each input index of ``out`` back to its message and
+        carries the progress (next offset per partition) the batch makes.
+        """
+        cdef int64_t s
+        cdef Py_ssize_t k = 0
+        cdef Slot* sl
+        cdef RingView view
+        cdef void* p
+        cdef object data
+        if start < self.tail or start + count > self.head or count < 0:
+            raise ValueError(f"slots [{start}, {start + count}) are outside the ring "
+                             f"[{self.tail}, {self.head})")
+        if count > self.cap_ptrs:
+            p = realloc(self.ptrs, count * sizeof(void*))
+            if p == NULL:
+                raise MemoryError()
+            self.ptrs = <const unsigned char**>p
+            p = realloc(self.lens, count * sizeof(Py_ssize_t))
+            if p == NULL:
+                raise MemoryError()
+            self.lens = <Py_ssize_t*>p
+            self.cap_ptrs = count
+        view = RingView.__new__(RingView)
+        view.ring = self
+        view.seqs = <int64_t*>malloc((count if count else 1) * sizeof(int64_t))
+        if view.seqs == NULL:
+            raise MemoryError()
+        progress = {}
+        for s in range(start, start + count):
+            sl = &self.slots[s % self.capacity_messages]
+            if sl.gen != self.gen[sl.part]:
+                self.abandoned += 1
+                continue
+            progress[sl.part] = sl.offset + 1
+            if sl.flags & F_TOMBSTONE:
+                self.tombstones += 1
+                continue
+            if sl.flags & F_OVERSIZED:
+                data = self.overflow[s][1]
+                self.ptrs[k] = <const unsigned char*>PyBytes_AS_STRING(data)
+            else:
+                self.ptrs[k] = self.arena + sl.aoff + sl.klen
+            self.lens[k] = sl.vlen
+            view.seqs[k] = s
+            k += 1
+        view.n = k
+        view.progress = {i: (self.gen[i], nxt) for i, nxt in progress.items()}
+        decoder.decode_spans(self.ptrs, self.lens, k, out)
+        return view
+
+    def release(self, int64_t upto):
+        """Free every slot before ``upto`` (FIFO)."""
+        cdef Slot* sl
+        if upto > self.head:
+            raise ValueError(f"cannot release up to {upto}: head is {self.head}")
+        while self.tail < upto:
+            sl = &self.slots[self.tail % self.capacity_messages]
+            if sl.flags & F_OVERSIZED:
+                self.overflow.pop(self.tail, None)
+            self.payload_bytes -= sl.alen
+            self.tail += 1
+        if self.tail == self.head:
+            self.wpos = 0
+            self.rpos = 0
+        else:
+            self.rpos = self.slots[self.tail % self.capacity_messages].aoff
+
+    def stats(self):
+        return {
+            "capacity_messages": self.capacity_messages,
+            "capacity_bytes": self.capacity_bytes,
+            "used_messages": self.head - self.tail,
+            "used_bytes": self.used_bytes,
+            "payload_bytes": self.payload_bytes,
+            "pushed": self.pushed,
+            "dropped_duplicate": self.dropped_duplicate,
+            "dropped_rewind": self.dropped_rewind,
+            "dropped_unassigned": self.dropped_unassigned,
+            "rewinds": self.rewinds_started,
+            "oversized": self.oversized,
+            "gaps": self.gaps,
+            "tombstones": self.tombstones,
+            "abandoned": self.abandoned,
+        }
+
+    # slot accessors used by RingView (slow path)
+    cdef Slot* _slot(self, int64_t seq) except NULL:
+        if seq < self.tail or seq >= self.head:
+            raise IndexError(f"message {seq} is no longer in the ring")
+        return &self.slots[seq % self.capacity_messages]
+
+
+cdef inline void _copy_into(unsigned char* dst, object src, Py_ssize_t n) except *:
+    cdef const unsigned char[::1] mv
+    if PyBytes_Check(src):
+        memcpy(dst, PyBytes_AS_STRING(src), n)
+    else:
+        mv = memoryview(src).cast("B")
+        memcpy(dst, &mv[0], n)
+
+
+cdef bytes _encode_headers(object headers):
+    """[(str, bytes | None)] -> u32 klen, key, i32 vlen (-1 = None), value, ..."""
+    parts = []
+    for k, v in headers:
+        kb = k.encode("utf-8") if isinstance(k, str) else bytes(k)
+        parts.append(len(kb).to_bytes(4, "little"))
+        parts.append(kb)
+        if v is None:
+            parts.append((-1).to_bytes(4, "little", signed=True))
+        else:
+            vb = bytes(v)
+            parts.append(len(vb).to_bytes(4, "little", signed=True))
+            parts.append(vb)
+    return b"".join(parts)
+
+
+cdef list _decode_headers(const unsigned char* p, Py_ssize_t n):
+    cdef Py_ssize_t pos = 0
+    cdef uint32_t kl
+    cdef int32_t vl
+    out = []
+    while pos + 4 <= n:
+        memcpy(&kl, p + pos, 4)
+        pos += 4
+        k = PyBytes_FromStringAndSize(<const char*>p + pos, kl).decode("utf-8", "replace")
+        pos += kl
+        memcpy(&vl, p + pos, 4)
+        pos += 4
+        if vl < 0:
+            out.append((k, None))
+        else:
+            out.append((k, PyBytes_FromStringAndSize(<const char*>p + pos, vl)))
+            pos += vl
+    return out
+
+
+cdef class RingView:
+    """``kfast.sinks.RecordSource`` over the ring: input index -> original message.
+
+    Valid until the batch's slots are released (the end of its delivery);
+    values are copied out only when asked for.
+    """
+    cdef Ring ring
+    cdef int64_t* seqs
+    cdef readonly Py_ssize_t n
+    cdef readonly dict progress      # partition index -> (generation, next offset)
+
+    def __dealloc__(self):
+        free(self.seqs)
+
+    def __len__(self):
+        return self.n
+
+    cdef Slot* _get(self, Py_ssize_t i) except NULL:
+        if i < 0 or i >= self.n:
+            raise IndexError(f"input index {i} out of range [0, {self.n})")
+        return self.ring._slot(self.seqs[i])
+
+    def seq(self, Py_ssize_t i):
+        self._get(i)
+        return self.seqs[i]
+
+    def topic(self, Py_ssize_t i):
+        return self.ring.topics[self._get(i).part]
+
+    def partition(self, Py_ssize_t i):
+        return self.ring.partitions[self._get(i).part]
+
+    def offset(self, Py_ssize_t i):
+        return self._get(i).offset
+
+    def timestamp(self, Py_ssize_t i):
+        return self._get(i).timestamp
+
+    def key(self, Py_ssize_t i):
+        cdef Slot* s = self._get(i)
+        if not (s.flags & F_KEY):
+            return None
+        if s.flags & F_OVERSIZED:
+            return self.ring.overflow[self.seqs[i]][0]
+        return PyBytes_FromStringAndSize(<const char*>self.ring.arena + s.aoff, s.klen)
+
+    def value(self, Py_ssize_t i):
+        cdef Slot* s = self._get(i)
+        if s.flags & F_TOMBSTONE:
+            return None
+        if s.flags & F_OVERSIZED:
+            return self.ring.overflow[self.seqs[i]][1]
+        return PyBytes_FromStringAndSize(<const char*>self.ring.arena + s.aoff + s.klen, s.vlen)
+
+    def headers(self, Py_ssize_t i):
+        cdef Slot* s = self._get(i)
+        cdef bytes hb
+        if not (s.flags & F_HEADERS):
+            return None
+        if s.flags & F_OVERSIZED:
+            hb = self.ring.overflow[self.seqs[i]][2]
+            return _decode_headers(<const unsigned char*>PyBytes_AS_STRING(hb),
+                                   PyBytes_GET_SIZE(hb))
+        return _decode_headers(self.ring.arena + s.aoff + s.klen + s.vlen, s.hlen)
+
+    def next_offsets(self):
+        """{(topic, partition): last offset + 1} for the partitions this batch covers."""
+        return {(self.ring.topics[i], self.ring.partitions[i]): nxt
+                for i, (g, nxt) in self.progress.items()}
