@@ -1,0 +1,896 @@
+# cython: language_level=3
+"""The nogil Avro interpreter.
+
+``kfast.avro.schema`` compiles reader/writer schemas into a flat array of
+``Op`` structs; :func:`_run` walks it for one payload, reading through the
+bounds-checked cursor (``kfast._cursor``) and appending to the batch's
+columns (``kfast._columns``). A whole batch runs with the GIL released; each
+bad payload is rolled back and reported after the loop as a RowError.
+
+Ops (fields ``a``..``d`` by kind):
+
+=========  =====================================================================
+RECORD     a = offset of the kid op list in ``ints``, b = count; col = STRUCT col
+INT/LONG/  tgt = column kind the value is stored as (promotions)
+FLOAT/...
+BYTES      b = 1 to validate UTF-8 (strings)
+FIXED      a = size
+ENUM       a = offset of the writer->reader index table, b = writer symbol count
+ARRAY      a = item op, c = column counting the items (LIST end offsets)
+MAP        a = value op, c = key column
+UNION      a = offset of the branch table (op, BRANCH_NULL, BRANCH_UNRESOLVED),
+           b = branch count, c/d = offset/count of the columns a null fills
+OBJECT     a = op that validates and skips the value; the raw span is stored
+DEFAULT    a/b = offset/length of the default's encoding in ``blob``, c = op
+NULLFILL   c/d = columns to fill with null
+=========  =====================================================================
+"""
+
+cimport cython
+from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+from kfast._batch cimport Batch, BaseDecoder
+from kfast._columns cimport (
+    COL_BINARY,
+    COL_BOOL,
+    COL_FLOAT32,
+    COL_FLOAT64,
+    COL_INT32,
+    COL_INT64,
+    COL_LIST,
+    COL_OBJECT,
+    COL_STRUCT,
+    Column,
+    buf_reserve,
+    col_append_bool,
+    col_append_bytes,
+    col_append_f32,
+    col_append_f64,
+    col_append_i32,
+    col_append_i64,
+    col_append_list_end,
+    col_append_null,
+    col_append_struct,
+)
+from kfast._cursor cimport (
+    CUR_BAD_LENGTH,
+    CUR_OK,
+    CUR_TRUNCATED,
+    CUR_VARINT_TOO_LONG,
+    Cursor,
+    cur_init,
+    cur_read_f32,
+    cur_read_f64,
+    cur_read_u8,
+    cur_read_zigzag32,
+    cur_read_zigzag64,
+    cur_take,
+)
+
+from kfast.avro import schema as _schema
+from kfast.errors import ConfigError
+from kfast.row_error import RowError
+
+
+cdef enum OpKind:
+    K_NULL = 0
+    K_BOOL = 1
+    K_INT = 2
+    K_LONG = 3
+    K_FLOAT = 4
+    K_DOUBLE = 5
+    K_BYTES = 6
+    K_FIXED = 7
+    K_ENUM = 8
+    K_RECORD = 9
+    K_ARRAY = 10
+    K_MAP = 11
+    K_UNION = 12
+    K_OBJECT = 13
+    K_DEFAULT = 14
+    K_NULLFILL = 15
+
+cdef enum:
+    BRANCH_NULL = -1
+    BRANCH_UNRESOLVED = -2
+    MAX_DEPTH = 512
+    MAX_ZERO_SIZE_ITEMS = 1 << 24   # items per array/map whose encoding may be empty
+
+# Decode status codes (0 = ok); the cursor's codes are -1..-3.
+cdef enum:
+    E_UNION_INDEX = -10
+    E_ENUM_INDEX = -11
+    E_UTF8 = -12
+    E_TRAILING = -13
+    E_ENUM_UNRESOLVED = -14
+    E_UNION_UNRESOLVED = -15
+    E_BOOL = -16
+    E_DEPTH = -17
+    E_NOMEM = -18
+    E_COUNT = -19
+    E_HEADER = -20      # Confluent framing: payload shorter than 5 bytes
+    E_MAGIC = -21       # Confluent framing: first byte is not 0
+    E_SCHEMA = -22      # Confluent framing: no decoder for this schema id
+
+
+def _check_constants():
+    for name in ("K_NULL", "K_BOOL", "K_INT", "K_LONG", "K_FLOAT", "K_DOUBLE", "K_BYTES",
+                 "K_FIXED", "K_ENUM", "K_RECORD", "K_ARRAY", "K_MAP", "K_UNION", "K_OBJECT",
+                 "K_DEFAULT", "K_NULLFILL"):
+        assert getattr(_schema, name) == globals()["_" + name], name
+    kinds = {"COL_BOOL": COL_BOOL, "COL_INT32": COL_INT32, "COL_INT64": COL_INT64,
+             "COL_FLOAT32": COL_FLOAT32, "COL_FLOAT64": COL_FLOAT64, "COL_BINARY": COL_BINARY,
+             "COL_LIST": COL_LIST, "COL_OBJECT": COL_OBJECT, "COL_STRUCT": COL_STRUCT}
+    for name, value in kinds.items():
+        assert getattr(_schema, name) == value, name
+    assert _schema.BRANCH_NULL == BRANCH_NULL and _schema.BRANCH_UNRESOLVED == BRANCH_UNRESOLVED
+
+
+_K_NULL = K_NULL
+_K_BOOL = K_BOOL
+_K_INT = K_INT
+_K_LONG = K_LONG
+_K_FLOAT = K_FLOAT
+_K_DOUBLE = K_DOUBLE
+_K_BYTES = K_BYTES
+_K_FIXED = K_FIXED
+_K_ENUM = K_ENUM
+_K_RECORD = K_RECORD
+_K_ARRAY = K_ARRAY
+_K_MAP = K_MAP
+_K_UNION = K_UNION
+_K_OBJECT = K_OBJECT
+_K_DEFAULT = K_DEFAULT
+_K_NULLFILL = K_NULLFILL
+_check_constants()
+
+
+cdef struct Op:
+    int32_t kind
+    int32_t col
+    int32_t tgt
+    int32_t a
+    int32_t b
+    int32_t c
+    int32_t d
+    int32_t name
+    int32_t minsize
+
+
+cdef struct Ctx:
+    const Op* ops
+    const int32_t* ints
+    const unsigned char* blob
+    Column* cols
+    # where the last failure happened
+    int32_t err_op
+    int64_t err_val
+    Py_ssize_t err_need
+    const unsigned char* err_at
+
+
+cdef struct ErrRec:
+    Py_ssize_t index
+    int code
+    int32_t op
+    int64_t val
+    Py_ssize_t need
+    Py_ssize_t pos
+    int32_t prog     # program slot (Confluent), -1 otherwise
+
+
+# ---------------------------------------------------------------- UTF-8
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef bint utf8_valid(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF),
+    what Python's ``bytes.decode('utf-8')`` accepts."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t w
+    cdef unsigned char b, b1
+    while i < n:
+        while i + 8 <= n:
+            memcpy(&w, s + i, 8)
+            if w & 0x8080808080808080ULL:
+                break
+            i += 8
+        if i >= n:
+            break
+        b = s[i]
+        if b < 0x80:
+            i += 1
+            continue
+        if b < 0xC2:
+            return False
+        if b < 0xE0:
+            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
+                return False
+            i += 2
+            continue
+        if b < 0xF0:
+            if i + 2 >= n:
+                return False
+            b1 = s[i + 1]
+            if (b1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80:
+                return False
+            if b == 0xE0 and b1 < 0xA0:
+                return False
+            if b == 0xED and b1 >= 0xA0:
+                return False
+            i += 3
+            continue
+        if b < 0xF5:
+            if i + 3 >= n:
+                return False
+            b1 = s[i + 1]
+            if (b1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80 or (s[i + 3] & 0xC0) != 0x80:
+                return False
+            if b == 0xF0 and b1 < 0x90:
+                return False
+            if b == 0xF4 and b1 >= 0x90:
+                return False
+            i += 4
+            continue
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- interpreter
+
+cdef inline int _fail(Ctx* x, int code, int32_t oi, const unsigned char* at, int64_t val,
+                      Py_ssize_t need) noexcept nogil:
+    x.err_op = oi
+    x.err_val = val
+    x.err_need = need
+    x.err_at = at
+    return code
+
+
+cdef inline int _store_int(Column* col, int tgt, int64_t v) noexcept nogil:
+    if tgt == COL_INT32:
+        return col_append_i32(col, <int32_t>v)
+    if tgt == COL_INT64:
+        return col_append_i64(col, v)
+    if tgt == COL_FLOAT32:
+        return col_append_f32(col, <float>v)
+    return col_append_f64(col, <double>v)
+
+
+cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noexcept nogil:
+    """Arrays and maps: blocks of items until a zero count."""
+    cdef int64_t count, size, j
+    cdef int64_t total = 0
+    cdef int rc
+    cdef const unsigned char* at
+    cdef const unsigned char* p
+    cdef Py_ssize_t minsize = x.ops[op.a].minsize
+    cdef bint is_map = op.kind == K_MAP
+    cdef Column* keys = NULL
+    cdef int64_t klen
+    if is_map:
+        minsize += 1
+        if op.col >= 0:
+            keys = &x.cols[op.c]
+    while True:
+        at = c.buf
+        rc = cur_read_zigzag64(c, &count)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if count == 0:
+            break
+        if count < 0:
+            if count == INT64_MIN:
+                return _fail(x, E_COUNT, oi, at, count, 0)
+            count = -count
+            rc = cur_read_zigzag64(c, &size)
+            if rc != CUR_OK:
+                return _fail(x, rc, oi, c.buf, 0, 0)
+            if size < 0:
+                return _fail(x, CUR_BAD_LENGTH, oi, at, size, 0)
+        if minsize > 0:
+            if count > c.left // minsize:
+                return _fail(x, E_COUNT, oi, at, count, 0)
+        else:
+            total += count
+            if total > MAX_ZERO_SIZE_ITEMS:
+                return _fail(x, E_COUNT, oi, at, count, 0)
+        for j in range(count):
+            if is_map:
+                at = c.buf
+                rc = cur_read_zigzag64(c, &klen)
+                if rc != CUR_OK:
+                    return _fail(x, rc, oi, at, 0, 0)
+                if klen < 0:
+                    return _fail(x, CUR_BAD_LENGTH, oi, at, klen, 0)
+                p = cur_take(c, klen)
+                if p == NULL:
+                    return _fail(x, CUR_TRUNCATED, oi, c.buf, 0, klen)
+                if not utf8_valid(p, klen):
+                    return _fail(x, E_UTF8, oi, p, 0, 0)
+                if keys != NULL and col_append_bytes(keys, p, klen) < 0:
+                    return E_NOMEM
+            rc = _run(x, op.a, c, depth + 1)
+            if rc < 0:
+                return rc
+    if op.col >= 0:
+        if col_append_list_end(&x.cols[op.col], x.cols[op.c].length) < 0:
+            return E_NOMEM
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
+    """Read one value described by op ``oi``; 0 or a negative status."""
+    cdef const Op* op = &x.ops[oi]
+    cdef Column* col = &x.cols[op.col] if op.col >= 0 else NULL
+    cdef int kind = op.kind
+    cdef int rc
+    cdef int32_t i32, k
+    cdef int64_t i64
+    cdef float f32
+    cdef double f64
+    cdef uint8_t u8
+    cdef const unsigned char* at = c.buf
+    cdef const unsigned char* p
+    cdef const int32_t* kids
+    cdef Cursor dc
+
+    if kind == K_LONG:
+        rc = cur_read_zigzag64(c, &i64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if col != NULL and _store_int(col, op.tgt, i64) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_INT:
+        rc = cur_read_zigzag32(c, &i32)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if col != NULL and _store_int(col, op.tgt, i32) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_BYTES:
+        rc = cur_read_zigzag64(c, &i64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if i64 < 0:
+            return _fail(x, CUR_BAD_LENGTH, oi, at, i64, 0)
+        p = cur_take(c, i64)
+        if p == NULL:
+            return _fail(x, CUR_TRUNCATED, oi, c.buf, 0, i64)
+        if op.b and not utf8_valid(p, i64):
+            return _fail(x, E_UTF8, oi, p, 0, 0)
+        if col != NULL and col_append_bytes(col, p, i64) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_DOUBLE:
+        rc = cur_read_f64(c, &f64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 8)
+        if col != NULL and col_append_f64(col, f64) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_RECORD:
+        if depth > MAX_DEPTH:
+            return _fail(x, E_DEPTH, oi, at, 0, 0)
+        if col != NULL and col_append_struct(col, True) < 0:
+            return E_NOMEM
+        kids = x.ints + op.a
+        for k in range(op.b):
+            rc = _run(x, kids[k], c, depth + 1)
+            if rc < 0:
+                return rc
+        return 0
+    if kind == K_UNION:
+        if depth > MAX_DEPTH:
+            return _fail(x, E_DEPTH, oi, at, 0, 0)
+        rc = cur_read_zigzag64(c, &i64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if i64 < 0 or i64 >= op.b:
+            return _fail(x, E_UNION_INDEX, oi, at, i64, 0)
+        k = x.ints[op.a + i64]
+        if k >= 0:
+            return _run(x, k, c, depth + 1)
+        if k == BRANCH_NULL:
+            kids = x.ints + op.c
+            for k in range(op.d):
+                if col_append_null(&x.cols[kids[k]]) < 0:
+                    return E_NOMEM
+            return 0
+        return _fail(x, E_UNION_UNRESOLVED, oi, at, i64, 0)
+    if kind == K_BOOL:
+        rc = cur_read_u8(c, &u8)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 1)
+        if u8 > 1:
+            return _fail(x, E_BOOL, oi, at, u8, 0)
+        if col != NULL and col_append_bool(col, u8) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_FLOAT:
+        rc = cur_read_f32(c, &f32)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 4)
+        if col != NULL:
+            if op.tgt == COL_FLOAT32:
+                rc = col_append_f32(col, f32)
+            else:
+                rc = col_append_f64(col, <double>f32)
+            if rc < 0:
+                return E_NOMEM
+        return 0
+    if kind == K_ENUM:
+        rc = cur_read_zigzag32(c, &i32)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if i32 < 0 or i32 >= op.b:
+            return _fail(x, E_ENUM_INDEX, oi, at, i32, 0)
+        k = x.ints[op.a + i32]
+        if k < 0:
+            return _fail(x, E_ENUM_UNRESOLVED, oi, at, i32, 0)
+        if col != NULL and col_append_i32(col, k) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_FIXED:
+        p = cur_take(c, op.a)
+        if p == NULL:
+            return _fail(x, CUR_TRUNCATED, oi, at, 0, op.a)
+        if col != NULL and col_append_bytes(col, p, op.a) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_ARRAY or kind == K_MAP:
+        if depth > MAX_DEPTH:
+            return _fail(x, E_DEPTH, oi, at, 0, 0)
+        return _read_items(x, oi, op, c, depth)
+    if kind == K_OBJECT:
+        rc = _run(x, op.a, c, depth + 1)
+        if rc < 0:
+            return rc
+        if col != NULL and col_append_bytes(col, at, c.buf - at) < 0:
+            return E_NOMEM
+        return 0
+    if kind == K_DEFAULT:
+        cur_init(&dc, x.blob + op.a, op.b)
+        return _run(x, op.c, &dc, depth + 1)
+    if kind == K_NULLFILL:
+        kids = x.ints + op.c
+        for k in range(op.d):
+            if col_append_null(&x.cols[kids[k]]) < 0:
+                return E_NOMEM
+        return 0
+    # K_NULL
+    return 0
+
+
+cdef inline int _decode_one(Ctx* x, int32_t root, const unsigned char* buf,
+                            Py_ssize_t n) noexcept nogil:
+    cdef Cursor c
+    cdef int rc
+    cur_init(&c, buf, n)
+    rc = _run(x, root, &c, 0)
+    if rc < 0:
+        return rc
+    if c.left:
+        return _fail(x, E_TRAILING, root, c.buf, c.left, 0)
+    return 0
+
+
+# ---------------------------------------------------------------- Program
+
+cdef class Program:
+    """A compiled schema (C copy of ``kfast.avro.schema.Program``)."""
+    cdef Op* ops
+    cdef Py_ssize_t nops
+    cdef int32_t* ints
+    cdef unsigned char* blob
+    cdef int32_t root
+    cdef readonly tuple spec
+    cdef readonly object layout
+    cdef readonly tuple converters
+    cdef readonly list names
+    cdef readonly object source        # the schema.Program
+    cdef Py_ssize_t* reserve_cols      # fixed-width top-level columns (one slot per row)
+    cdef Py_ssize_t nreserve
+
+    def __cinit__(self):
+        self.ops = NULL
+        self.ints = NULL
+        self.blob = NULL
+        self.reserve_cols = NULL
+
+    def __dealloc__(self):
+        free(self.ops)
+        free(self.ints)
+        free(self.blob)
+        free(self.reserve_cols)
+
+    def __init__(self, prog):
+        cdef Py_ssize_t i
+        self.source = prog
+        self.nops = len(prog.ops)
+        self.ops = <Op*>malloc(max(self.nops, 1) * sizeof(Op))
+        self.ints = <int32_t*>malloc(max(len(prog.ints), 1) * sizeof(int32_t))
+        self.blob = <unsigned char*>malloc(max(len(prog.blob), 1))
+        if self.ops == NULL or self.ints == NULL or self.blob == NULL:
+            raise MemoryError()
+        for i, o in enumerate(prog.ops):
+            self.ops[i].kind, self.ops[i].col, self.ops[i].tgt, self.ops[i].a, self.ops[i].b, \
+                self.ops[i].c, self.ops[i].d, self.ops[i].name, self.ops[i].minsize = o
+        for i, v in enumerate(prog.ints):
+            self.ints[i] = v
+        if prog.blob:
+            memcpy(self.blob, <const unsigned char*>prog.blob, len(prog.blob))
+        self.root = prog.root
+        self.spec = prog.spec
+        self.layout = prog.layout
+        self.converters = prog.converters
+        self.names = prog.names
+        # Columns with exactly one slot per row: reserve them up front.
+        top = _top_fixed_columns(prog.layout, prog.spec)
+        self.nreserve = len(top)
+        self.reserve_cols = <Py_ssize_t*>malloc(max(self.nreserve, 1) * sizeof(Py_ssize_t))
+        if self.reserve_cols == NULL:
+            raise MemoryError()
+        for i, k in enumerate(top):
+            self.reserve_cols[i] = k
+
+    def reason(self, int code, int32_t oi, int64_t val, Py_ssize_t need, Py_ssize_t pos):
+        """The RowError reason for a failure status."""
+        name = self.names[self.ops[oi].name] if 0 <= oi < self.nops else ""
+        where = f" in field {name!r}" if name else ""
+        if code == CUR_TRUNCATED:
+            if need > 0:
+                return f"truncated payload: needed {need} bytes at byte {pos}{where}"
+            return f"truncated payload: varint runs past the end at byte {pos}{where}"
+        if code == CUR_VARINT_TOO_LONG:
+            return f"overlong varint at byte {pos}{where}"
+        if code == CUR_BAD_LENGTH:
+            return f"negative length {val} at byte {pos}{where}"
+        if code == E_UNION_INDEX:
+            return f"union branch {val} out of range for field {name!r} at byte {pos}"
+        if code == E_UNION_UNRESOLVED:
+            return (f"union branch {val} of field {name!r} at byte {pos} matches no type of "
+                    "the reader schema")
+        if code == E_ENUM_INDEX:
+            return f"enum index {val} out of range for field {name!r} at byte {pos}"
+        if code == E_ENUM_UNRESOLVED:
+            return (f"enum index {val} of field {name!r} at byte {pos}: the symbol is not in "
+                    "the reader schema, which has no default")
+        if code == E_UTF8:
+            return f"invalid UTF-8 in field {name!r} at byte {pos}"
+        if code == E_TRAILING:
+            return f"{val} trailing bytes after record"
+        if code == E_BOOL:
+            return f"invalid boolean byte {val} at byte {pos}{where}"
+        if code == E_DEPTH:
+            return f"values nested deeper than {MAX_DEPTH} levels at byte {pos}{where}"
+        if code == E_COUNT:
+            return (f"array/map block count {val} at byte {pos}{where} exceeds what the "
+                    "payload can hold")
+        return f"decode error {code} at byte {pos}{where}"
+
+
+def _top_fixed_columns(layout, spec):
+    from kfast._layout import RecordNode, ValueNode
+    out = []
+
+    def walk(node):
+        if isinstance(node, ValueNode) and node.col >= 0:
+            if spec[node.col][1] in (COL_BOOL, COL_INT32, COL_INT64, COL_FLOAT32, COL_FLOAT64):
+                out.append(node.col)
+        elif isinstance(node, RecordNode):
+            for _, child in node.fields:
+                walk(child)
+
+    walk(layout)
+    return out
+
+
+cdef int _reserve(Batch out, Program prog, Py_ssize_t n) except -1:
+    cdef Py_ssize_t i
+    cdef Column* c
+    for i in range(prog.nreserve):
+        c = &out.cols[prog.reserve_cols[i]]
+        if buf_reserve(&c.values, n * c.width) < 0:
+            raise MemoryError()
+        if c.nullable and buf_reserve(&c.validity, (n + 7) >> 3) < 0:
+            raise MemoryError()
+    if buf_reserve(&out.source_index.values, n * 4) < 0:
+        raise MemoryError()
+    return 0
+
+
+cdef class _ErrBuf:
+    cdef ErrRec* recs
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+
+    def __cinit__(self):
+        self.recs = NULL
+        self.n = 0
+        self.cap = 0
+
+    def __dealloc__(self):
+        free(self.recs)
+
+    cdef int push(self, Py_ssize_t index, int code, Ctx* x, const unsigned char* start,
+                  int32_t prog) noexcept nogil:
+        cdef ErrRec* r
+        cdef Py_ssize_t cap
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 16
+            r = <ErrRec*>realloc(self.recs, cap * sizeof(ErrRec))
+            if r == NULL:
+                return -1
+            self.recs = r
+            self.cap = cap
+        r = &self.recs[self.n]
+        r.index = index
+        r.code = code
+        r.op = x.err_op
+        r.val = x.err_val
+        r.need = x.err_need
+        r.pos = x.err_at - start if x.err_at != NULL else 0
+        r.prog = prog
+        self.n += 1
+        return 0
+
+
+# ---------------------------------------------------------------- decoders
+
+cdef class AvroDecoder(BaseDecoder):
+    """Decode schemaless Avro payloads (one record per payload) into a Batch.
+
+    ``AvroDecoder(schema, writer_schema=None)``: ``schema`` is the reader
+    schema (dict, JSON string or path to an .avsc file); with
+    ``writer_schema`` the payloads are read as the writer wrote them and
+    resolved to the reader schema per the Avro specification.
+    """
+    cdef readonly Program program
+    cdef readonly object schema
+    cdef readonly object writer_schema
+    cdef Py_ssize_t* saved
+    cdef Py_ssize_t nsaved
+
+    def __cinit__(self):
+        self.saved = NULL
+        self.nsaved = 0
+
+    def __dealloc__(self):
+        free(self.saved)
+
+    def __init__(self, schema, writer_schema=None):
+        reader = _schema.parse(schema)
+        writer = _schema.parse(writer_schema) if writer_schema is not None else None
+        self.schema = reader
+        self.writer_schema = writer
+        self.program = Program(_schema.compile_schema(reader, writer))
+
+    @property
+    def column_names(self):
+        """Names of every column the decoder produces (dotted paths)."""
+        return [s[0] for s in self.program.spec]
+
+    cdef int decode_spans(self, const unsigned char** ptrs, const Py_ssize_t* lens,
+                          Py_ssize_t n, Batch out) except -1:
+        cdef Program prog = self.program
+        cdef Ctx x
+        cdef Py_ssize_t i
+        cdef int rc
+        cdef bint nomem = False
+        cdef _ErrBuf errs = _ErrBuf()
+        out.setup(prog.spec, prog.layout, prog.converters)
+        _ensure_saved(&self.saved, &self.nsaved, out.ncols + 1)
+        _reserve(out, prog, n)
+        x.ops = prog.ops
+        x.ints = prog.ints
+        x.blob = prog.blob
+        x.cols = out.cols
+        x.err_at = NULL
+        with nogil:
+            for i in range(n):
+                out.begin_row_checkpoint(self.saved)
+                x.err_at = NULL
+                rc = _decode_one(&x, prog.root, ptrs[i], lens[i])
+                if rc == 0:
+                    if col_append_i32(&out.source_index, <int32_t>i) < 0:
+                        rc = E_NOMEM
+                    else:
+                        out.num_rows += 1
+                        continue
+                out.rollback(self.saved)
+                if rc == E_NOMEM or errs.push(i, rc, &x, ptrs[i], -1) < 0:
+                    nomem = True
+                    break
+        if nomem:
+            raise MemoryError("out of memory while decoding Avro payloads")
+        for i in range(errs.n):
+            r = &errs.recs[i]
+            out.errors.append(RowError(r.index, prog.reason(r.code, r.op, r.val, r.need, r.pos)))
+        out.finish()
+        return 0
+
+
+cdef int _ensure_saved(Py_ssize_t** saved, Py_ssize_t* cap, Py_ssize_t need) except -1:
+    cdef Py_ssize_t* p
+    if need <= cap[0]:
+        return 0
+    p = <Py_ssize_t*>realloc(saved[0], need * sizeof(Py_ssize_t))
+    if p == NULL:
+        raise MemoryError()
+    saved[0] = p
+    cap[0] = need
+    return 0
+
+
+cdef struct ProgRef:
+    const Op* ops
+    const int32_t* ints
+    const unsigned char* blob
+    int32_t root
+
+
+cdef class FramedAvroDecoder(BaseDecoder):
+    """Avro behind the Confluent wire format: magic byte 0, a 4-byte big-endian
+    schema id, then the schemaless record.
+
+    Subclasses provide ``_program_for(schema_id)`` returning a Program whose
+    column spec equals ``_columns_program()``'s, or raising LookupError
+    (unknown id) / ConnectionError (registry unreachable) / another exception
+    with a message; every payload of that id then becomes a RowError.
+    """
+    cdef Py_ssize_t* saved
+    cdef Py_ssize_t nsaved
+
+    def __cinit__(self):
+        self.saved = NULL
+        self.nsaved = 0
+
+    def __dealloc__(self):
+        free(self.saved)
+
+    def _program_for(self, schema_id):
+        raise NotImplementedError
+
+    def _columns_program(self, first_schema_id):
+        raise NotImplementedError
+
+    cdef int decode_spans(self, const unsigned char** ptrs, const Py_ssize_t* lens,
+                          Py_ssize_t n, Batch out) except -1:
+        cdef Py_ssize_t i
+        cdef int64_t* ids = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        cdef int32_t* slot = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+        cdef ProgRef* refs = NULL
+        cdef const unsigned char* p
+        cdef int64_t last = -1
+        cdef int32_t last_slot = -1
+        cdef Py_ssize_t nprogs
+        cdef Program prog, cols_prog
+        cdef Ctx x
+        cdef int rc
+        cdef bint nomem = False
+        cdef _ErrBuf errs = _ErrBuf()
+        cdef ErrRec* r
+        if ids == NULL or slot == NULL:
+            free(ids)
+            free(slot)
+            raise MemoryError()
+        try:
+            # 1. framing: schema id per payload (-1 short, -2 wrong magic)
+            first = None
+            for i in range(n):
+                if lens[i] < 5:
+                    ids[i] = -1
+                    continue
+                p = ptrs[i]
+                if p[0] != 0:
+                    ids[i] = -2
+                    continue
+                ids[i] = (<int64_t>p[1] << 24) | (<int64_t>p[2] << 16) | (<int64_t>p[3] << 8) | p[4]
+                if first is None:
+                    first = ids[i]
+            cols_prog = self._columns_program(first)
+            # 2. one program per distinct id (Python, once per id and batch)
+            programs = []
+            failures = []      # per slot: reason string or None
+            slot_of = {}
+            for i in range(n):
+                if ids[i] < 0:
+                    slot[i] = -1
+                    continue
+                if ids[i] == last:
+                    slot[i] = last_slot
+                    continue
+                sid = ids[i]
+                s = slot_of.get(sid)
+                if s is None:
+                    s = len(programs)
+                    slot_of[sid] = s
+                    try:
+                        prog = self._program_for(sid)
+                        if prog.spec != cols_prog.spec:
+                            raise ConfigError(
+                                f"schema id {sid} resolves to different columns than the "
+                                "decoder's reader schema")
+                        programs.append(prog)
+                        failures.append(None)
+                    except Exception as exc:
+                        programs.append(None)
+                        failures.append(self._failure_reason(sid, exc))
+                slot[i] = s
+                last = ids[i]
+                last_slot = s
+            nprogs = len(programs)
+            refs = <ProgRef*>malloc(max(nprogs, 1) * sizeof(ProgRef))
+            if refs == NULL:
+                raise MemoryError()
+            for i in range(nprogs):
+                if programs[i] is None:
+                    refs[i].ops = NULL
+                    continue
+                prog = programs[i]
+                refs[i].ops = prog.ops
+                refs[i].ints = prog.ints
+                refs[i].blob = prog.blob
+                refs[i].root = prog.root
+            # 3. decode with the GIL released
+            out.setup(cols_prog.spec, cols_prog.layout, cols_prog.converters)
+            _ensure_saved(&self.saved, &self.nsaved, out.ncols + 1)
+            _reserve(out, cols_prog, n)
+            x.cols = out.cols
+            with nogil:
+                for i in range(n):
+                    out.begin_row_checkpoint(self.saved)
+                    x.err_at = NULL
+                    x.err_op = -1
+                    x.err_val = ids[i]
+                    if slot[i] < 0:
+                        rc = E_HEADER if ids[i] == -1 else E_MAGIC
+                        x.err_val = lens[i] if ids[i] == -1 else (ptrs[i][0] if lens[i] else 0)
+                    elif refs[slot[i]].ops == NULL:
+                        rc = E_SCHEMA
+                    else:
+                        x.ops = refs[slot[i]].ops
+                        x.ints = refs[slot[i]].ints
+                        x.blob = refs[slot[i]].blob
+                        rc = _decode_one(&x, refs[slot[i]].root, ptrs[i] + 5, lens[i] - 5)
+                        if rc == 0:
+                            if col_append_i32(&out.source_index, <int32_t>i) < 0:
+                                rc = E_NOMEM
+                            else:
+                                out.num_rows += 1
+                                continue
+                    out.rollback(self.saved)
+                    if rc == E_NOMEM or errs.push(i, rc, &x, ptrs[i] + 5, slot[i]) < 0:
+                        nomem = True
+                        break
+            if nomem:
+                raise MemoryError("out of memory while decoding Avro payloads")
+            for i in range(errs.n):
+                r = &errs.recs[i]
+                if r.code == E_HEADER:
+                    reason = (f"payload of {r.val} bytes is too short for the Confluent header "
+                              "(magic byte + 4-byte schema id)")
+                elif r.code == E_MAGIC:
+                    reason = f"wrong magic byte 0x{r.val:02x} (expected 0x00 for Confluent framing)"
+                elif r.code == E_SCHEMA:
+                    reason = failures[r.prog]
+                else:
+                    prog = programs[r.prog]
+                    reason = (f"schema id {ids[r.index]}: "
+                              + prog.reason(r.code, r.op, r.val, r.need, r.pos + 5))
+                out.errors.append(RowError(r.index, reason))
+            out.finish()
+        finally:
+            free(ids)
+            free(slot)
+            free(refs)
+        return 0
+
+    def _failure_reason(self, schema_id, exc):
+        return f"schema id {schema_id}: {exc}"
