@@ -61,13 +61,16 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers
-    from kfast._batch import Batch
-    from kfast.avro import AvroDecoder
-    from kfast.confluent import ConfluentDecoder
-    from kfast.dlq import DeadLetterPolicy
-    from kfast.pipeline import Pipeline
-    from kfast.policies import BatchPolicy, BufferPolicy
-    from kfast.protobuf import ProtobufDecoder
-    from kfast.retry import RetryPolicy
-    from kfast.sinks import CallableSink, NullSink, Sink
-    from kfast.sinks.postgres import PostgresSink
+    from kfast._batch import Batch as Batch
+    from kfast.avro import AvroDecoder as AvroDecoder
+    from kfast.confluent import ConfluentDecoder as ConfluentDecoder
+    from kfast.dlq import DeadLetterPolicy as DeadLetterPolicy
+    from kfast.pipeline import Pipeline as Pipeline
+    from kfast.policies import BatchPolicy as BatchPolicy
+    from kfast.policies import BufferPolicy as BufferPolicy
+    from kfast.protobuf import ProtobufDecoder as ProtobufDecoder
+    from kfast.retry import RetryPolicy as RetryPolicy
+    from kfast.sinks import CallableSink as CallableSink
+    from kfast.sinks import NullSink as NullSink
+    from kfast.sinks import Sink as Sink
+    from kfast.sinks.postgres import PostgresSink as PostgresSink

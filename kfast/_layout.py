@@ -32,7 +32,7 @@ conv                   column kind         Python value
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,26 +44,26 @@ class ValueNode:
 
 @dataclass(frozen=True)
 class ListNode:
-    col: int          # LIST column
-    item: "Node"
+    col: int  # LIST column
+    item: Node
 
 
 @dataclass(frozen=True)
 class MapNode:
-    col: int          # LIST column; its slots are the entries
-    key: "Node"
-    value: "Node"
+    col: int  # LIST column; its slots are the entries
+    key: Node
+    value: Node
 
 
 @dataclass(frozen=True)
 class RecordNode:
-    fields: tuple[tuple[str, "Node"], ...]
-    valid_col: int = -1   # STRUCT column giving presence of a nullable record, or -1
+    fields: tuple[tuple[str, Node], ...]
+    valid_col: int = -1  # STRUCT column giving presence of a nullable record, or -1
 
 
 @dataclass(frozen=True)
 class ObjectNode:
-    col: int          # OBJECT column; values already converted to Python objects
+    col: int  # OBJECT column; values already converted to Python objects
 
 
-Node = Union[ValueNode, ListNode, MapNode, RecordNode, ObjectNode]
+Node = ValueNode | ListNode | MapNode | RecordNode | ObjectNode

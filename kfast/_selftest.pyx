@@ -264,6 +264,7 @@ cdef class PlainDecoder(BaseDecoder):
         cdef Cursor c
         cdef int rc
         cdef uint64_t count
+        cdef uint8_t present
         cdef Column* col
         cdef Py_ssize_t* saved
         cdef int* status
@@ -285,6 +286,15 @@ cdef class PlainDecoder(BaseDecoder):
                         if col.kind != COL_LIST:
                             rc = _read_value(&c, col)
                         else:
+                            present = 1
+                            if col.nullable:
+                                rc = cur_read_u8(&c, &present)
+                                if rc == CUR_OK and not present:
+                                    rc = col_append_null(col) * 100
+                                if rc != CUR_OK or not present:
+                                    if rc != CUR_OK:
+                                        break
+                                    continue
                             rc = cur_read_uvarint64(&c, &count)
                             if rc == CUR_OK and count > <uint64_t>c.left:
                                 rc = CUR_TRUNCATED
