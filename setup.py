@@ -11,6 +11,7 @@ from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
 DEBUG = os.environ.get("KFAST_DEBUG") == "1"
@@ -56,7 +57,17 @@ def extensions() -> list:
             "embedsignature": True,
         },
         include_path=[str(ROOT)],
+        nthreads=os.cpu_count() or 1,
     )
 
 
-setup(ext_modules=extensions())
+class ParallelBuildExt(build_ext):
+    """Compile the C sources on every core (pip gives no -j switch)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": ParallelBuildExt})
