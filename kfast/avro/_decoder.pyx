@@ -323,6 +323,46 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef inline int _run_leaf(Ctx* x, int32_t oi, Cursor* c) noexcept nogil:
+    """Fast path for the common scalar fields of a record (inlined in the
+    record loop); returns 1 when the op is not one of them."""
+    cdef const Op* op = &x.ops[oi]
+    cdef Column* col
+    cdef int rc
+    cdef int64_t i64
+    cdef double f64
+    cdef const unsigned char* at = c.buf
+    cdef const unsigned char* p
+    if op.col < 0:
+        return 1
+    col = &x.cols[op.col]
+    if op.kind == K_LONG and op.tgt == COL_INT64:
+        rc = cur_read_zigzag64(c, &i64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        return E_NOMEM if col_append_i64(col, i64) < 0 else 0
+    if op.kind == K_BYTES:
+        rc = cur_read_zigzag64(c, &i64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 0)
+        if i64 < 0:
+            return _fail(x, CUR_BAD_LENGTH, oi, at, i64, 0)
+        p = cur_take(c, i64)
+        if p == NULL:
+            return _fail(x, CUR_TRUNCATED, oi, c.buf, 0, i64)
+        if op.b and not utf8_valid(p, i64):
+            return _fail(x, E_UTF8, oi, p, 0, 0)
+        return E_NOMEM if col_append_bytes(col, p, i64) < 0 else 0
+    if op.kind == K_DOUBLE:
+        rc = cur_read_f64(c, &f64)
+        if rc != CUR_OK:
+            return _fail(x, rc, oi, at, 0, 8)
+        return E_NOMEM if col_append_f64(col, f64) < 0 else 0
+    return 1
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
     """Read one value described by op ``oi``; 0 or a negative status."""
     cdef const Op* op = &x.ops[oi]
@@ -381,7 +421,9 @@ cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
             return E_NOMEM
         kids = x.ints + op.a
         for k in range(op.b):
-            rc = _run(x, kids[k], c, depth + 1)
+            rc = _run_leaf(x, kids[k], c)
+            if rc == 1:
+                rc = _run(x, kids[k], c, depth + 1)
             if rc < 0:
                 return rc
         return 0

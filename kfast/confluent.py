@@ -1,0 +1,194 @@
+"""Confluent Schema Registry framing: ``ConfluentDecoder(registry, reader_schema=None)``.
+
+Each payload is ``0x00`` (magic byte), a 4-byte big-endian schema id, then
+the schemaless Avro record. The writer schema of each id is fetched once
+from the registry (confluent-kafka's ``SchemaRegistryClient`` or any object
+with ``get_schema(schema_id)`` returning something with ``.schema_str`` and
+``.schema_type``) and compiled once; compiled decoders are kept in a bounded
+LRU cache.
+
+Columns: with ``reader_schema`` every writer schema is resolved to it (Avro
+schema resolution), so every batch has the reader's columns. Without one,
+the writer schema of the first id the decoder sees becomes the reader
+schema for the life of the decoder, and later ids are resolved against it.
+Because one batch may mix writer schemas, logical-type conversions in
+``to_pylist()`` follow the reader schema here (``AvroDecoder`` follows the
+writer, like fastavro).
+
+Bad framing, unknown ids, an unreachable registry and unresolvable writer
+schemas are reported per payload as ``RowError`` s; they never raise.
+
+Protobuf: a registry entry whose ``schema_type`` is ``"PROTOBUF"`` is
+dispatched to ``kfast.protobuf`` (see :meth:`ConfluentDecoder.decode`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from kfast._batch import Batch
+from kfast.avro import FramedAvroDecoder, Program
+from kfast.avro import schema as _schema
+from kfast.errors import ConfigError
+
+_EMPTY_RECORD = {"type": "record", "name": "kfast_empty", "fields": []}
+
+
+class UnknownSchemaId(LookupError):
+    """The registry does not know a schema id."""
+
+
+class RegistryUnreachable(ConnectionError):
+    """The registry could not be reached."""
+
+
+def _classify(schema_id: int, exc: BaseException) -> str:
+    status = getattr(exc, "http_status_code", None)
+    message = getattr(exc, "error_message", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, UnknownSchemaId) or status == 404 or isinstance(exc, KeyError):
+        return f"unknown schema id {schema_id} (registry: {message})"
+    if isinstance(exc, (ConnectionError, OSError, TimeoutError)) or _is_transport_error(exc):
+        return f"schema registry unreachable for schema id {schema_id}: {message}"
+    if isinstance(exc, ConfigError):
+        return f"schema id {schema_id}: {message}"
+    if status is not None:
+        return f"schema registry error {status} for schema id {schema_id}: {message}"
+    return f"schema id {schema_id}: {type(exc).__name__}: {message}"
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - httpx ships with confluent-kafka's registry client
+        return False
+    return isinstance(exc, httpx.TransportError)
+
+
+class ConfluentDecoder(FramedAvroDecoder):
+    """Decode Confluent-framed Avro payloads into a Batch (see module doc)."""
+
+    def __init__(
+        self,
+        registry: Any,
+        reader_schema: Any = None,
+        max_cached_schemas: int = 1000,
+    ) -> None:
+        if not hasattr(registry, "get_schema"):
+            raise ConfigError("registry: expected an object with get_schema(schema_id)")
+        if not isinstance(max_cached_schemas, int) or max_cached_schemas < 1:
+            raise ConfigError(f"max_cached_schemas: must be an int >= 1, got {max_cached_schemas!r}")
+        self.registry = registry
+        self.max_cached_schemas = max_cached_schemas
+        self._reader: _schema.Schema | None = None
+        self._columns: Program | None = None
+        if reader_schema is not None:
+            self._reader = _schema.parse(reader_schema)
+            self._columns = Program(_schema.compile_schema(self._reader, None, False))
+        self._programs: OrderedDict[int, Program] = OrderedDict()
+        self._types: OrderedDict[int, str] = OrderedDict()
+        self._empty = Program(_schema.compile_schema(_schema.parse(_EMPTY_RECORD)))
+        self._protobuf: Any = None
+
+    # -- registry -----------------------------------------------------------
+    def _fetch(self, schema_id: int) -> Any:
+        try:
+            registered = self.registry.get_schema(schema_id)
+            if registered is None:
+                raise UnknownSchemaId("not found")
+        except Exception as exc:
+            raise RuntimeError(_classify(schema_id, exc)) from exc
+        return registered
+
+    def _schema_type(self, schema_id: int) -> str:
+        kind = self._types.get(schema_id)
+        if kind is None:
+            kind = (getattr(self._fetch(schema_id), "schema_type", None) or "AVRO").upper()
+            self._types[schema_id] = kind
+            while len(self._types) > self.max_cached_schemas:
+                self._types.popitem(last=False)
+        return kind
+
+    # -- hooks called by FramedAvroDecoder.decode_spans ----------------------
+    def _columns_program(self, first_schema_id: int | None) -> Program:
+        if self._columns is not None:
+            return self._columns
+        if first_schema_id is None:
+            return self._empty
+        try:
+            self._program_for(first_schema_id)
+        except Exception:
+            return self._empty  # that id's rows fail with the registry's reason
+        assert self._columns is not None
+        return self._columns
+
+    def _program_for(self, schema_id: int) -> Program:
+        prog = self._programs.get(schema_id)
+        if prog is not None:
+            self._programs.move_to_end(schema_id)
+            return prog
+        registered = self._fetch(schema_id)
+        kind = (getattr(registered, "schema_type", None) or "AVRO").upper()
+        self._types[schema_id] = kind
+        if kind != "AVRO":
+            raise ConfigError(f"is a {kind} schema; this batch is decoded as Avro")
+        writer = _schema.parse(registered.schema_str)
+        if self._reader is None:
+            self._reader = writer
+            self._columns = Program(_schema.compile_schema(writer, None, False))
+        try:
+            prog = Program(_schema.compile_schema(self._reader, writer, False))
+        except ConfigError as exc:
+            raise ConfigError(f"cannot be resolved to the reader schema: {exc}") from None
+        self._programs[schema_id] = prog
+        while len(self._programs) > self.max_cached_schemas:
+            self._programs.popitem(last=False)
+        return prog
+
+    def _failure_reason(self, schema_id: int, exc: BaseException) -> str:
+        if isinstance(exc, RuntimeError) and exc.__cause__ is not None:
+            return str(exc)  # already classified by _fetch
+        return _classify(schema_id, exc)
+
+    # -- Protobuf dispatch ---------------------------------------------------
+    def decode(self, payloads: Sequence[Any], out: Batch | None = None) -> Batch:
+        """Decode a sequence of framed payloads into a Batch.
+
+        Dispatch point: the schema type of the batch's first framed payload
+        decides the decoder. ``"AVRO"`` (or none) decodes here; ``"PROTOBUF"``
+        hands the whole batch to ``kfast.protobuf.ConfluentProtobufDecoder``
+        (imported lazily, constructed once with the same registry).
+        """
+        first = _first_schema_id(payloads)
+        if first is not None:
+            try:
+                kind = self._schema_type(first)
+            except RuntimeError:
+                kind = "AVRO"  # the rows of that id become RowErrors below
+            if kind == "PROTOBUF":
+                return self._protobuf_decoder().decode(payloads, out)
+        return super().decode(payloads, out)
+
+    def _protobuf_decoder(self) -> Any:
+        if self._protobuf is None:
+            module = importlib.import_module("kfast.protobuf")
+            factory = getattr(module, "ConfluentProtobufDecoder", None)
+            if factory is None:
+                raise ConfigError(
+                    "schema registry holds a PROTOBUF schema but kfast.protobuf has no "
+                    "ConfluentProtobufDecoder"
+                )
+            self._protobuf = factory(self.registry, max_cached_schemas=self.max_cached_schemas)
+        return self._protobuf
+
+
+def _first_schema_id(payloads: Sequence[Any]) -> int | None:
+    for p in payloads:
+        if p is None:
+            continue
+        head = bytes(memoryview(p)[:5])
+        if len(head) == 5 and head[0] == 0:
+            return int.from_bytes(head[1:5], "big")
+    return None
