@@ -1,0 +1,77 @@
+"""google message -> the documented ``to_pylist`` form (used for OBJECT fields).
+
+Fields kfast keeps as raw bytes (recursive messages, maps with message values,
+...) are parsed by google's runtime after the nogil pass and converted here to
+exactly the form the columnar path produces: every field is a key; unset
+explicit-presence fields are ``None``; enums are symbol names (unknown numbers
+stay ``int``); messages are dicts; repeated fields lists; maps dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+_PLANS: dict[str, list[tuple[str, Callable[[Any], Any]]]] = {}
+
+
+def _value_converter(fd: FieldDescriptor) -> Callable[[Any], Any] | None:
+    if fd.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+        return message_to_dict
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        names = {n: v.name for n, v in fd.enum_type.values_by_number.items()}
+        return lambda v: names.get(v, v)
+    return None
+
+
+def _is_map(fd: FieldDescriptor) -> bool:
+    return (
+        fd.type == FieldDescriptor.TYPE_MESSAGE
+        and fd.message_type is not None
+        and fd.message_type.GetOptions().map_entry
+    )
+
+
+def _handler(fd: FieldDescriptor) -> Callable[[Any], Any]:
+    name = fd.name
+    if _is_map(fd):
+        vconv = _value_converter(fd.message_type.fields_by_number[2])
+        if vconv is None:
+            return lambda m: dict(getattr(m, name).items())
+        return lambda m: {k: vconv(v) for k, v in getattr(m, name).items()}
+    conv = _value_converter(fd)
+    if fd.is_repeated:
+        if conv is None:
+            return lambda m: list(getattr(m, name))
+        return lambda m: [conv(v) for v in getattr(m, name)]
+    if fd.has_presence:
+        if conv is None:
+            return lambda m: getattr(m, name) if m.HasField(name) else None
+        return lambda m: conv(getattr(m, name)) if m.HasField(name) else None
+    if conv is None:
+        return lambda m: getattr(m, name)
+    return lambda m: conv(getattr(m, name))
+
+
+def _plan(desc: Descriptor) -> list[tuple[str, Callable[[Any], Any]]]:
+    plan = _PLANS.get(desc.full_name)
+    if plan is None:
+        plan = [(fd.name, _handler(fd)) for fd in desc.fields]
+        _PLANS[desc.full_name] = plan
+    return plan
+
+
+def message_to_dict(msg: Any) -> dict[str, Any]:
+    """The documented ``to_pylist`` form of one google message."""
+    return {name: get(msg) for name, get in _plan(msg.DESCRIPTOR)}
+
+
+def field_converter(parent_cls: Any, fd: FieldDescriptor) -> Callable[[bytes], Any]:
+    """``raw field bytes -> value``: ``raw`` holds every occurrence of field ``fd``
+    of one payload, tags included, so it parses as a ``parent_cls`` message with
+    only that field set (occurrences merge or concatenate exactly as google does)."""
+    get = _handler(fd)
+    parse = parent_cls.FromString
+    return lambda raw: get(parse(raw))
