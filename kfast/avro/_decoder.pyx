@@ -292,7 +292,9 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
                 return _fail(x, CUR_BAD_LENGTH, oi, at, size, 0)
         if minsize > 0:
             if count > c.left // minsize:
-                return _fail(x, E_COUNT, oi, at, count, 0)
+                # the items cannot fit in what is left: a truncated payload
+                return _fail(x, CUR_TRUNCATED, oi, c.buf, count,
+                             count * minsize if count < (<int64_t>1 << 40) else (<int64_t>1 << 62))
         else:
             total += count
             if total > MAX_ZERO_SIZE_ITEMS:

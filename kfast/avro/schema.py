@@ -180,7 +180,13 @@ def parse(schema: Any) -> Schema:
         fastavro.parse_schema(raw, _write_hint=False)
     except Exception as exc:  # fastavro raises several exception types
         raise ConfigError(f"schema: {exc}") from None
-    return _Parser().parse(raw, "")
+    try:
+        return _Parser().parse(raw, "")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        missing = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"schema: invalid schema ({missing})") from None
 
 
 class _Parser:
