@@ -1,0 +1,202 @@
+"""The Kafka side of the pipeline: a thin wrapper around ``confluent_kafka.Consumer``.
+
+kfast commits offsets itself (only what is durable), so the consumer
+configuration is adjusted in exactly three places and passed through
+untouched otherwise (``group.instance.id`` for static membership included):
+
+* ``enable.auto.commit=false`` and ``enable.auto.offset.store=false`` are
+  forced; setting either to true is a :class:`kfast.ConfigError`;
+* ``partition.assignment.strategy`` defaults to ``cooperative-sticky``
+  (incremental rebalances: members keep their partitions while others join);
+* the prefetch settings of the memory plan (``queued.max.messages.kbytes``,
+  ``fetch.max.bytes``, ``max.partition.fetch.bytes``, ``queued.min.messages``)
+  are filled in where the user did not set them, and
+  ``statistics.interval.ms`` defaults to 5000 so that consumer lag is known.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from kfast.errors import ConfigError
+
+__all__ = ["Source", "consumer_config", "FORCED_FALSE"]
+
+log = logging.getLogger("kfast.source")
+
+FORCED_FALSE = ("enable.auto.commit", "enable.auto.offset.store")
+_CALLBACK_KEYS = ("on_commit", "stats_cb", "error_cb", "throttle_cb", "logger", "oauth_cb")
+
+RebalanceCb = Callable[[list[TopicPartition]], None]
+
+
+def _is_true(v: Any) -> bool:
+    return str(v).strip().lower() in ("true", "1", "yes", "on")
+
+
+def consumer_config(
+    kafka: dict[str, Any], plan_settings: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The librdkafka configuration kfast runs with (see the module docstring)."""
+    if not isinstance(kafka, dict):
+        raise ConfigError(
+            f"kafka: expected a dict of librdkafka settings, got {type(kafka).__name__}"
+        )
+    for key in ("bootstrap.servers", "group.id"):
+        if not kafka.get(key):
+            raise ConfigError(f"kafka[{key!r}]: required")
+    for key in FORCED_FALSE:
+        if key in kafka and _is_true(kafka[key]):
+            raise ConfigError(
+                f"kafka[{key!r}]: must be false; kfast stores and commits offsets itself, "
+                "only after the sink made the messages durable"
+            )
+    conf = dict(kafka)
+    for key in FORCED_FALSE:
+        conf[key] = "false"
+    conf.setdefault("partition.assignment.strategy", "cooperative-sticky")
+    conf.setdefault("statistics.interval.ms", "5000")
+    for key, value in (plan_settings or {}).items():
+        conf.setdefault(key, value)
+    return conf
+
+
+class Source:
+    """Owns the consumer; every method is called from the poll thread only."""
+
+    def __init__(
+        self,
+        kafka: dict[str, Any],
+        topics: Sequence[str],
+        *,
+        plan_settings: dict[str, str] | None = None,
+        on_assign: RebalanceCb,
+        on_revoke: RebalanceCb,
+        on_lost: RebalanceCb,
+    ) -> None:
+        conf = consumer_config(kafka, plan_settings)
+        self._user_stats_cb = conf.pop("stats_cb", None)
+        self._user_on_commit = conf.pop("on_commit", None)
+        self._user_error_cb = conf.pop("error_cb", None)
+        conf["stats_cb"] = self._on_stats
+        conf["on_commit"] = self._on_commit
+        conf["error_cb"] = self._on_error
+        self.config = {k: v for k, v in conf.items() if k not in _CALLBACK_KEYS}
+        self.topics = list(topics)
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self._lock = threading.Lock()
+        self.lag: dict[str, int] = {}
+        self.stats_received = 0
+        self.commit_failures: list[tuple[str, int, int]] = []
+        self.async_commits_ok = 0
+        self.async_commits_failed = 0
+        self.errors: list[str] = []
+        self.fatal: KafkaError | None = None
+        try:
+            self.consumer = Consumer(conf)
+        except KafkaException as e:
+            raise ConfigError(f"kafka: librdkafka rejected the configuration: {e}") from None
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe(
+            self.topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
+        )
+
+    def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_assign(partitions)
+
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_revoke(partitions)
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_lost(partitions)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        return self.consumer.consume(num_messages=num_messages, timeout=timeout)
+
+    def assignment(self) -> list[TopicPartition]:
+        return self.consumer.assignment()
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            self.consumer.pause(partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            self.consumer.resume(partitions)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.consumer.seek(TopicPartition(topic, partition, offset))
+
+    def commit(self, offsets: list[tuple[str, int, int]], *, asynchronous: bool) -> None:
+        """Commit ``[(topic, partition, next offset)]``; sync commits raise KafkaException."""
+        tps = [TopicPartition(t, p, o) for t, p, o in offsets]
+        if asynchronous:
+            self.consumer.commit(offsets=tps, asynchronous=True)
+        else:
+            self.consumer.commit(offsets=tps, asynchronous=False)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    # ------------------------------------------------------------ callbacks
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [
+            (tp.topic, tp.partition, tp.offset)
+            for tp in partitions
+            if err is not None or tp.error is not None
+        ]
+        with self._lock:
+            if failed:
+                self.async_commits_failed += 1
+                self.commit_failures.extend(failed)
+            else:
+                self.async_commits_ok += 1
+        if failed and err is not None and err.code() != KafkaError._NO_OFFSET:
+            log.warning("commit failed: %s", err)
+        if self._user_on_commit is not None:
+            self._user_on_commit(err, partitions)
+
+    def take_commit_failures(self) -> list[tuple[str, int, int]]:
+        with self._lock:
+            out, self.commit_failures = self.commit_failures, []
+        return out
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+            lag: dict[str, int] = {}
+            for tname, t in stats.get("topics", {}).items():
+                for pid, p in t.get("partitions", {}).items():
+                    if pid == "-1":
+                        continue
+                    if p.get("fetch_state") in (None, "none", "stopped"):
+                        continue  # not assigned to this member
+                    # consumer_lag = high watermark - committed offset (kfast
+                    # commits explicit offsets and never uses the offset store).
+                    lag[f"{tname}[{pid}]"] = int(p.get("consumer_lag", -1))
+            with self._lock:
+                self.lag = lag
+                self.stats_received += 1
+        except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - defensive
+            log.debug("cannot parse librdkafka statistics: %s", e)
+        if self._user_stats_cb is not None:
+            self._user_stats_cb(stats_json)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.fatal = err
+        with self._lock:
+            self.errors.append(str(err))
+            del self.errors[:-20]
+        log.warning("kafka error: %s", err)
+        if self._user_error_cb is not None:
+            self._user_error_cb(err)

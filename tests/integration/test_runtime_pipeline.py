@@ -1,0 +1,88 @@
+"""Runtime against the real broker: no loss, no duplicates, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+from runtime_util import Recorder, Runner, pipeline, produce_ids, wait_until
+
+import kfast
+
+pytestmark = pytest.mark.integration
+
+N_REGULAR = 200_000
+N_SLOW = 1_000_000
+
+
+def _no_loss_no_dup(kafka_broker, kafka_consumer_config, topic, group, n, partitions=8):
+    kafka_broker.create_topic(topic, partitions=partitions)
+    produce_ids(kafka_broker, topic, 0, n, partitions)
+    rec = Recorder()
+    pipe = pipeline(kafka_consumer_config(group), topic, rec, memory_limit="128MiB")
+    runner = Runner(pipe)
+    wait_until(lambda: rec.count() >= n, 600, f"{n} rows")
+    runner.stop()
+    ids = rec.ids()
+    assert len(ids) == n, f"duplicates: {len(ids) - len(set(ids))}"
+    assert set(ids) == set(range(n))
+    # every partition delivered in offset order, contiguous from 0
+    by_part = collections.defaultdict(list)
+    for p, off, _ in rec.rows:
+        by_part[p].append(off)
+    for p, offs in by_part.items():
+        assert offs == list(range(len(offs))), f"partition {p} not contiguous"
+    m = pipe.metrics()
+    assert m["written"] == n
+    assert m["ring"]["gaps"] == 0
+    assert m["decode_errors"] == 0
+    # everything committed: a new member of the group reads nothing
+    committed = {k: v["committed"] for k, v in m["commits"]["partitions"].items()}
+    assert sum(committed.values()) == n or not committed  # revoked at close
+    return pipe
+
+
+def test_no_loss_no_duplicates(kafka_broker, kafka_consumer_config, unique_topic, unique_group):
+    _no_loss_no_dup(kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_REGULAR)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("KFAST_SLOW"), reason="set KFAST_SLOW=1 for the 1M proof")
+def test_no_loss_no_duplicates_1m(kafka_broker, kafka_consumer_config, unique_topic, unique_group):
+    _no_loss_no_dup(kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_SLOW)
+
+
+def test_restart_resumes_from_commit(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    kafka_broker.create_topic(unique_topic, partitions=2)
+    produce_ids(kafka_broker, unique_topic, 0, 1000, 2)
+    rec = Recorder()
+    r = Runner(pipeline(kafka_consumer_config(unique_group), unique_topic, rec))
+    wait_until(lambda: rec.count() >= 1000, 60, "first 1000")
+    r.stop()
+    produce_ids(kafka_broker, unique_topic, 1000, 500, 2)
+    rec2 = Recorder()
+    r2 = Runner(pipeline(kafka_consumer_config(unique_group), unique_topic, rec2))
+    wait_until(lambda: rec2.count() >= 500, 60, "next 500")
+    r2.stop()
+    assert sorted(rec2.ids()) == list(range(1000, 1500))
+
+
+def test_decode_error_without_dlq_stops_and_does_not_commit(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    from runtime_util import encode
+
+    kafka_broker.produce(unique_topic, [encode(0), encode(1), b"\xff", encode(3)], partition=0)
+    rec = Recorder()
+    pipe = pipeline(kafka_consumer_config(unique_group), unique_topic, rec)
+    # without a DeadLetterPolicy a poison pill stops the pipeline (never dropped)
+    with pytest.raises(kfast.KfastError):
+        pipe.run()
+    assert rec.count() == 0
+    assert pipe.metrics()["commits"]["partitions"] == {} or all(
+        v["committed"] <= 0 for v in pipe.metrics()["commits"]["partitions"].values()
+    )
