@@ -97,7 +97,7 @@ class Runner:
     def _run(self) -> None:
         try:
             self.pipe.run()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             self.error = e
 
     def stop(self, timeout: float = 60.0) -> None:
