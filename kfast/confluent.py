@@ -88,28 +88,30 @@ class ConfluentDecoder(FramedAvroDecoder):
             self._reader = _schema.parse(reader_schema)
             self._columns = Program(_schema.compile_schema(self._reader, None, False))
         self._programs: OrderedDict[int, Program] = OrderedDict()
-        self._types: OrderedDict[int, str] = OrderedDict()
+        self._registered: OrderedDict[int, Any] = OrderedDict()
         self._empty = Program(_schema.compile_schema(_schema.parse(_EMPTY_RECORD)))
         self._protobuf: Any = None
 
     # -- registry -----------------------------------------------------------
     def _fetch(self, schema_id: int) -> Any:
+        """The registry's entry for an id (kept in a bounded LRU: one lookup per id)."""
+        registered = self._registered.get(schema_id)
+        if registered is not None:
+            self._registered.move_to_end(schema_id)
+            return registered
         try:
             registered = self.registry.get_schema(schema_id)
             if registered is None:
                 raise UnknownSchemaId("not found")
         except Exception as exc:
             raise RuntimeError(_classify(schema_id, exc)) from exc
+        self._registered[schema_id] = registered
+        while len(self._registered) > self.max_cached_schemas:
+            self._registered.popitem(last=False)
         return registered
 
     def _schema_type(self, schema_id: int) -> str:
-        kind = self._types.get(schema_id)
-        if kind is None:
-            kind = (getattr(self._fetch(schema_id), "schema_type", None) or "AVRO").upper()
-            self._types[schema_id] = kind
-            while len(self._types) > self.max_cached_schemas:
-                self._types.popitem(last=False)
-        return kind
+        return str(getattr(self._fetch(schema_id), "schema_type", None) or "AVRO").upper()
 
     # -- hooks called by FramedAvroDecoder.decode_spans ----------------------
     def _columns_program(self, first_schema_id: int | None) -> Program:
@@ -130,8 +132,7 @@ class ConfluentDecoder(FramedAvroDecoder):
             self._programs.move_to_end(schema_id)
             return prog
         registered = self._fetch(schema_id)
-        kind = (getattr(registered, "schema_type", None) or "AVRO").upper()
-        self._types[schema_id] = kind
+        kind = self._schema_type(schema_id)
         if kind != "AVRO":
             raise ConfigError(f"is a {kind} schema; this batch is decoded as Avro")
         writer = _schema.parse(registered.schema_str)

@@ -1,0 +1,212 @@
+"""ConfluentDecoder: framing, registry lookups, caching and per-row errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import fastavro
+import pytest
+
+import kfast
+from kfast.confluent import ConfluentDecoder
+from kfast.errors import ConfigError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # authlib's httpx deprecation notice on import
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+V1 = {"type": "record", "name": "User", "fields": [{"name": "id", "type": "int"}]}
+V2 = {
+    "type": "record",
+    "name": "User",
+    "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "email", "type": ["null", "string"], "default": None},
+    ],
+}
+OTHER = {"type": "record", "name": "User", "fields": [{"name": "id", "type": "string"}]}
+
+
+def frame(schema_id: int, schema: Any, record: Any) -> bytes:
+    buf = io.BytesIO()
+    buf.write(b"\x00" + schema_id.to_bytes(4, "big"))
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), record)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mock_registry() -> tuple[Any, int, int, int]:
+    reg = SchemaRegistryClient.new_client({"url": "mock://kfast-tests"})
+    id1 = reg.register_schema("users-value", Schema(json.dumps(V1), "AVRO"))
+    id2 = reg.register_schema("users-value", Schema(json.dumps(V2), "AVRO"))
+    id3 = reg.register_schema("other-value", Schema(json.dumps(OTHER), "AVRO"))
+    return reg, id1, id2, id3
+
+
+def test_public_name() -> None:
+    assert kfast.ConfluentDecoder is ConfluentDecoder
+
+
+def test_reader_schema_resolves_every_writer(mock_registry: Any) -> None:
+    reg, id1, id2, id3 = mock_registry
+    dec = ConfluentDecoder(reg, reader_schema=V2)
+    payloads = [
+        frame(id1, V1, {"id": 1}),
+        frame(id2, V2, {"id": 2, "email": "a@b"}),
+        frame(id3, OTHER, {"id": "x"}),
+        frame(id1, V1, {"id": 3}),
+    ]
+    batch = dec.decode(payloads)
+    assert batch.to_pylist() == [
+        {"id": 1, "email": None},
+        {"id": 2, "email": "a@b"},
+        {"id": 3, "email": None},
+    ]
+    assert [e.index for e in batch.errors] == [2]
+    assert f"schema id {id3}" in batch.errors[0].reason
+    assert "cannot be resolved" in batch.errors[0].reason
+
+
+def test_first_id_defines_columns_without_reader(mock_registry: Any) -> None:
+    reg, id1, id2, _ = mock_registry
+    dec = ConfluentDecoder(reg)
+    batch = dec.decode([frame(id2, V2, {"id": 5, "email": None}), frame(id1, V1, {"id": 6})])
+    assert batch.column_names == ["id", "email"]
+    assert batch.to_pylist() == [{"id": 5, "email": None}, {"id": 6, "email": None}]
+    # later batches keep those columns
+    again = dec.decode([frame(id1, V1, {"id": 7})])
+    assert again.to_pylist() == [{"id": 7, "email": None}]
+
+
+def test_framing_errors_are_rows_not_crashes(mock_registry: Any) -> None:
+    reg, id1, _, _ = mock_registry
+    good = frame(id1, V1, {"id": 1})
+    payloads = [good, b"", b"\x00\x00", b"\x05" + good[1:], frame(424242, V1, {"id": 1}),
+                good + b"\x00", good[:-1], bytearray(good), memoryview(good)]  # fmt: skip
+    batch = ConfluentDecoder(reg).decode(payloads)
+    assert list(batch.source_indices) == [0, 7, 8]
+    reasons = {e.index: e.reason for e in batch.errors}
+    assert "too short" in reasons[1] and "too short" in reasons[2]
+    assert reasons[3] == "wrong magic byte 0x05 (expected 0x00 for Confluent framing)"
+    assert reasons[4].startswith("unknown schema id 424242")
+    assert reasons[5] == f"schema id {id1}: 1 trailing bytes after record"
+    assert reasons[6].startswith(f"schema id {id1}: truncated payload")
+    assert "at byte 5" in reasons[6]
+
+
+def test_compiled_decoders_are_cached_in_a_bounded_lru(mock_registry: Any) -> None:
+    reg, id1, id2, _ = mock_registry
+    calls: list[int] = []
+
+    class Counting:
+        def get_schema(self, schema_id: int) -> Any:
+            calls.append(schema_id)
+            return reg.get_schema(schema_id)
+
+    dec = ConfluentDecoder(Counting(), reader_schema=V2, max_cached_schemas=1)
+    p1, p2 = frame(id1, V1, {"id": 1}), frame(id2, V2, {"id": 2, "email": None})
+    dec.decode([p1, p1, p1])
+    dec.decode([p1])
+    assert calls.count(id1) == 1
+    dec.decode([p2, p1])
+    assert len(dec._programs) == 1
+    with pytest.raises(ConfigError):
+        ConfluentDecoder(reg, max_cached_schemas=0)
+    with pytest.raises(ConfigError):
+        ConfluentDecoder(object())
+
+
+def test_registry_unreachable_is_a_row_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    reg = SchemaRegistryClient({"url": f"http://127.0.0.1:{port}", "max.retries": 0,
+                                "timeout": 2})  # fmt: skip
+    batch = ConfluentDecoder(reg, reader_schema=V1).decode([frame(1, V1, {"id": 1})])
+    assert batch.num_rows == 0
+    assert batch.errors[0].reason.startswith("schema registry unreachable for schema id 1")
+
+
+class _Registry(BaseHTTPRequestHandler):
+    schemas: dict[int, dict[str, Any]] = {}
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        self.hits.append(self.path)
+        path = self.path.split("?", 1)[0]
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[:2] == ["schemas", "ids"] and parts[2].isdigit():
+            entry = self.schemas.get(int(parts[2]))
+            if entry is not None:
+                self._send(200, entry)
+                return
+            self._send(404, {"error_code": 40403, "message": "Schema not found"})
+            return
+        self._send(404, {"error_code": 404, "message": "no such endpoint"})
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_registry() -> Iterator[str]:
+    _Registry.schemas = {
+        7: {"schema": json.dumps(V1)},
+        8: {"schema": json.dumps(V2), "schemaType": "AVRO"},
+        9: {"schema": "syntax = 'proto3';", "schemaType": "PROTOBUF"},
+    }
+    _Registry.hits = []
+    server = HTTPServer(("127.0.0.1", 0), _Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_http_registry(http_registry: str) -> None:
+    reg = SchemaRegistryClient({"url": http_registry, "max.retries": 0})
+    dec = ConfluentDecoder(reg, reader_schema=V2)
+    payloads = [frame(7, V1, {"id": 1}), frame(8, V2, {"id": 2, "email": "e"}),
+                frame(99, V1, {"id": 3}), frame(9, V1, {"id": 4})]  # fmt: skip
+    batch = dec.decode(payloads)
+    assert batch.to_pylist() == [{"id": 1, "email": None}, {"id": 2, "email": "e"}]
+    reasons = {e.index: e.reason for e in batch.errors}
+    assert reasons[2].startswith("unknown schema id 99")
+    assert "PROTOBUF" in reasons[3]
+    hits = len(_Registry.hits)
+    dec.decode(payloads[:2])
+    assert len(_Registry.hits) == hits  # ids 7 and 8 are cached
+
+
+def test_protobuf_dispatch_point(http_registry: str) -> None:
+    reg = SchemaRegistryClient({"url": http_registry, "max.retries": 0})
+    dec = ConfluentDecoder(reg)
+    seen: list[Any] = []
+
+    class FakeProtobuf:
+        def decode(self, payloads: Any, out: Any = None) -> str:
+            seen.append(payloads)
+            return "protobuf batch"
+
+    dec._protobuf = FakeProtobuf()
+    assert dec.decode([frame(9, V1, {"id": 1})]) == "protobuf batch"
+    assert len(seen) == 1
