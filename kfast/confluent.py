@@ -79,7 +79,9 @@ class ConfluentDecoder(FramedAvroDecoder):
         if not hasattr(registry, "get_schema"):
             raise ConfigError("registry: expected an object with get_schema(schema_id)")
         if not isinstance(max_cached_schemas, int) or max_cached_schemas < 1:
-            raise ConfigError(f"max_cached_schemas: must be an int >= 1, got {max_cached_schemas!r}")
+            raise ConfigError(
+                f"max_cached_schemas: must be an int >= 1, got {max_cached_schemas!r}"
+            )
         self.registry = registry
         self.max_cached_schemas = max_cached_schemas
         self._reader: _schema.Schema | None = None

@@ -170,7 +170,9 @@ def load_schema(schema: Any) -> Any:
         raise ConfigError(f"schema: {schema!r} is neither JSON, a primitive type nor a file")
     if isinstance(schema, (dict, list)):
         return schema
-    raise ConfigError(f"schema: expected dict, JSON string or .avsc path, got {type(schema).__name__}")
+    raise ConfigError(
+        f"schema: expected dict, JSON string or .avsc path, got {type(schema).__name__}"
+    )
 
 
 def parse(schema: Any) -> Schema:
@@ -369,7 +371,9 @@ class _ShapeBuilder:
             shape = Shape("record", s, col=st)
             fill: list[int] = [st] if st >= 0 else []
             for f in s.fields:
-                sub = self.build(f.type, f"{name}.{f.name}" if name else f.name, nullable, (*stack, id(s)))
+                sub = self.build(
+                    f.type, f"{name}.{f.name}" if name else f.name, nullable, (*stack, id(s))
+                )
                 shape.fields.append((f, sub))
                 fill.extend(sub.null_fill)
             shape.null_fill = tuple(fill)
@@ -419,7 +423,9 @@ def _discard_shape(s: Schema, memo: dict[int, Shape]) -> Shape:
         return Shape("map", s, item=_discard_shape(s.items, memo), discard=True)  # type: ignore[arg-type]
     # union: every branch kept apart (general resolution)
     shape = Shape("union", s, discard=True)
-    shape.fields = [(Field("", b, False, None, (), {}), _discard_shape(b, memo)) for b in s.branches]
+    shape.fields = [
+        (Field("", b, False, None, (), {}), _discard_shape(b, memo)) for b in s.branches
+    ]
     return shape
 
 
@@ -591,9 +597,9 @@ class Compiler:
             item, item_node = self.compile(w.items, r.item, f"{path}[]")  # type: ignore[arg-type]
             self.ops[op][3] = item
             self.ops[op][5] = _leaf_col(r.item)
-            node = None if r.discard else ListNode(r.col, item_node)  # type: ignore[arg-type]
-            self._memo[key] = (op, node)
-            return op, node
+            lnode: Node | None = None if r.discard else ListNode(r.col, item_node)  # type: ignore[arg-type]
+            self._memo[key] = (op, lnode)
+            return op, lnode
         if r.kind == "map":
             if w.type != "map":
                 raise self._fail(path, w, r.schema)
@@ -602,13 +608,11 @@ class Compiler:
             assert r.item is not None
             value, value_node = self.compile(w.items, r.item, f"{path}{{}}")  # type: ignore[arg-type]
             self.ops[op][3] = value
-            node = (
-                None
-                if r.discard
-                else MapNode(r.col, ValueNode(r.key_col, "str"), value_node)  # type: ignore[arg-type]
-            )
-            self._memo[key] = (op, node)
-            return op, node
+            mnode: Node | None = None
+            if not r.discard:
+                mnode = MapNode(r.col, ValueNode(r.key_col, "str"), value_node)  # type: ignore[arg-type]
+            self._memo[key] = (op, mnode)
+            return op, mnode
         raise AssertionError(r.kind)
 
     def _scalar(self, w: Schema, r: Shape, path: str) -> tuple[int, Node | None]:
@@ -808,7 +812,7 @@ def _leaf_col(s: Shape) -> int:
 def _null_layout(r: Shape, comp: Compiler) -> Node:
     """Layout for a shape no writer branch fills (only nulls arrive)."""
     if r.kind == "union":
-        return _null_layout(r.item, comp) if r.item is not None else ValueNode(-1, "null")  # type: ignore[arg-type]
+        return _null_layout(r.item, comp) if r.item is not None else ValueNode(-1, "null")
     if r.kind == "value":
         conv, arg = comp._conv(r.schema, r.schema)
         return ValueNode(r.col, conv, arg)

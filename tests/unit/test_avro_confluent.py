@@ -138,7 +138,7 @@ class _Registry(BaseHTTPRequestHandler):
     schemas: dict[int, dict[str, Any]] = {}
     hits: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         self.hits.append(self.path)
         path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")

@@ -11,11 +11,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from avro_helpers import encode, reference, zigzag
 
 import kfast
 from kfast.avro import AvroDecoder
 from kfast.errors import ConfigError
-from avro_helpers import encode, reference, zigzag
 
 UTC = dt.timezone.utc
 
@@ -142,12 +142,19 @@ def test_every_primitive_and_logical_type() -> None:
             {
                 "name": "decf",
                 "type": {
-                    "type": "fixed", "name": "D8", "size": 8,
-                    "logicalType": "decimal", "precision": 18, "scale": 2,
+                    "type": "fixed",
+                    "name": "D8",
+                    "size": 8,
+                    "logicalType": "decimal",
+                    "precision": 18,
+                    "scale": 2,
                 },
             },  # fmt: skip
             {"name": "u", "type": {"type": "string", "logicalType": "uuid"}},
-            {"name": "uf", "type": {"type": "fixed", "name": "U16", "size": 16, "logicalType": "uuid"}},
+            {
+                "name": "uf",
+                "type": {"type": "fixed", "name": "U16", "size": 16, "logicalType": "uuid"},
+            },
             {
                 "name": "dur",
                 "type": {"type": "fixed", "name": "Dur", "size": 12, "logicalType": "duration"},

@@ -86,8 +86,12 @@ def _extend(children: Any) -> Any:
         children.filter(lambda t: not isinstance(t, list) and t != "null").flatmap(
             lambda t: st.sampled_from([["null", t], [t, "null"]])
         ),
-        st.lists(st.sampled_from(["null", "int", "string", "boolean", "double"]),
-                 min_size=2, max_size=4, unique=True),  # fmt: skip
+        st.lists(
+            st.sampled_from(["null", "int", "string", "boolean", "double"]),
+            min_size=2,
+            max_size=4,
+            unique=True,
+        ),  # fmt: skip
     )
 
 
@@ -229,7 +233,11 @@ def reader_for(draw: Any, writer: Any) -> Any:
                     continue  # writer-only field: skipped
                 nf = {"name": f["name"], "type": derive(f["type"], False)}
                 if draw(st.integers(0, 5)) == 0:
-                    nf = {"name": f"renamed_{f['name']}", "aliases": [f["name"]], "type": nf["type"]}
+                    nf = {
+                        "name": f"renamed_{f['name']}",
+                        "aliases": [f["name"]],
+                        "type": nf["type"],
+                    }
                 fields.append(nf)
             for i in range(draw(st.integers(0, 2))):
                 t2, d = draw(st.sampled_from(_DEFAULTS))
@@ -274,7 +282,9 @@ def mutated(draw: Any, payload: bytes) -> bytes:
         elif op == 2:
             del b[pos : pos + draw(st.integers(1, 4))]
         else:
-            b[pos:pos] = draw(st.sampled_from([b"\xff" * 10 + b"\x01", b"\x01", b"\x7f", b"\x80\x80"]))
+            b[pos:pos] = draw(
+                st.sampled_from([b"\xff" * 10 + b"\x01", b"\x01", b"\x7f", b"\x80\x80"])
+            )
     return bytes(b)
 
 
