@@ -1,0 +1,499 @@
+"""Dead-letter queue: where undecodable payloads and rows the sink rejects go.
+
+* :class:`DeadLetterPolicy` (public, frozen, validated) names the DLQ topic,
+  extra librdkafka settings for the DLQ producer (kept apart from the
+  consumer's), and the circuit breaker (``max_ratio`` over the last
+  ``window`` input messages, ``max_consecutive`` dead letters in a row).
+* :class:`DeadLetterQueue` owns the producer (``acks=all``,
+  ``enable.idempotence=true``), sends records with the original key and value
+  bytes untouched plus ``kfast.*`` headers, and waits for every delivery
+  report before returning (the offsets may be committed only then). A broker
+  that cannot be reached is retried under the pipeline's RetryPolicy; then
+  ``RetryExhausted`` propagates and the runtime stops without committing.
+* :func:`replay_main` is ``kfast replay``: re-publish DLQ records to their
+  original topic (or another), optionally filtered by error class or stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kfast.errors import ConfigError, KfastError, TransientSinkError
+from kfast.retry import Retrier, RetryPolicy
+
+__all__ = [
+    "CircuitBreaker",
+    "CircuitBreakerOpen",
+    "DeadLetter",
+    "DeadLetterPolicy",
+    "DeadLetterQueue",
+    "DeadLetterUnavailable",
+    "HEADER_PREFIX",
+    "dlq_headers",
+    "producer_config",
+    "replay_main",
+]
+
+HEADER_PREFIX = "kfast."
+# Settings of the consumer's librdkafka dict that also describe how to reach
+# the cluster; everything else (group.id, fetch sizes, ...) stays out.
+_CONNECTION_KEYS = (
+    "bootstrap.servers",
+    "security.protocol",
+    "client.dns.lookup",
+    "broker.address.family",
+)
+_CONNECTION_PREFIXES = ("ssl.", "sasl.")
+_FORCED = {"acks": "all", "enable.idempotence": "true"}
+_ACKS_ALL = {"all", "-1"}
+
+
+class CircuitBreakerOpen(KfastError):
+    """Too large a share of recent messages went to the DLQ: stop, do not drain the topic."""
+
+
+class DeadLetterUnavailable(TransientSinkError):
+    """The DLQ producer could not get delivery confirmations (retried under the policy)."""
+
+
+@dataclass(frozen=True)
+class DeadLetterPolicy:
+    """Where dead letters go and when to stop instead.
+
+    * ``topic``: DLQ topic name.
+    * ``producer``: extra librdkafka settings for the DLQ producer only
+      (e.g. ``{"bootstrap.servers": ..., "message.timeout.ms": "30000"}``);
+      ``acks`` and ``enable.idempotence`` are forced to ``all``/``true``.
+    * ``max_ratio``: trip when more than this share (0 < x <= 1) of the last
+      ``window`` input messages were dead-lettered (checked once ``window``
+      messages have been seen).
+    * ``max_consecutive``: trip after this many dead letters in a row
+      (1..10_000_000, or None to disable).
+    * ``window``: number of most recent input messages the ratio looks at
+      (100..10_000_000).
+    """
+
+    topic: str
+    producer: Mapping[str, Any] | None = None
+    max_ratio: float = 0.1
+    max_consecutive: int | None = 1000
+    window: int = 10_000
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str, value: object) -> ConfigError:
+            return ConfigError(f"DeadLetterPolicy.{name} must be {allowed}, got {value!r}")
+
+        if not isinstance(self.topic, str) or not self.topic.strip() or len(self.topic) > 249:
+            raise bad("topic", "a non-empty topic name (at most 249 characters)", self.topic)
+        if self.producer is not None:
+            if not isinstance(self.producer, Mapping) or not all(
+                isinstance(k, str) for k in self.producer
+            ):
+                raise bad("producer", "a dict of librdkafka settings (str keys)", self.producer)
+            acks = self.producer.get("acks")
+            if acks is not None and str(acks).lower() not in _ACKS_ALL:
+                raise bad(
+                    "producer['acks']", "'all' (the DLQ producer never weakens durability)", acks
+                )
+            idem = self.producer.get("enable.idempotence")
+            if idem is not None and str(idem).lower() not in ("true", "1"):
+                raise bad("producer['enable.idempotence']", "true", idem)
+            object.__setattr__(self, "producer", dict(self.producer))
+        r = self.max_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise bad("max_ratio", "a number in (0, 1]", r)
+        c = self.max_consecutive
+        if c is not None and (
+            isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 10_000_000
+        ):
+            raise bad("max_consecutive", "an int in [1, 10000000] or None", c)
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, int) or not 100 <= w <= 10_000_000:
+            raise bad("window", "an int in [100, 10000000]", w)
+
+
+def producer_config(policy: DeadLetterPolicy, kafka_config: Mapping[str, Any]) -> dict[str, str]:
+    """librdkafka settings of the DLQ producer: how to reach the cluster (from
+    the consumer's dict), then the policy's own settings, then the forced
+    durability settings."""
+    conf: dict[str, str] = {}
+    for k, v in kafka_config.items():
+        if k in _CONNECTION_KEYS or k.startswith(_CONNECTION_PREFIXES):
+            conf[k] = str(v)
+    conf["message.timeout.ms"] = "30000"
+    conf["linger.ms"] = "5"
+    for k, v in (policy.producer or {}).items():
+        conf[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    conf.update(_FORCED)
+    if "bootstrap.servers" not in conf:
+        raise ConfigError(
+            "DeadLetterPolicy: no bootstrap.servers for the DLQ producer (set it in the pipeline's "
+            "kafka settings or in DeadLetterPolicy.producer)"
+        )
+    return conf
+
+
+@dataclass
+class DeadLetter:
+    """One record to dead-letter: original key/value untouched, headers added."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    stage: str
+    error_class: str
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(
+        timespec="milliseconds"
+    )
+
+
+def dlq_headers(
+    *,
+    stage: str,
+    error_class: str,
+    message: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp: int,
+    attempts: int,
+    first_failure: float,
+    schema_id: int | None = None,
+    sqlstate: str | None = None,
+    original: Sequence[tuple[str, bytes]] | None = None,
+    max_message: int = 4096,
+) -> list[tuple[str, bytes]]:
+    """The ``kfast.*`` headers of a DLQ record (see docs/dlq.md), followed by
+    the original message's own headers (``kfast replay`` restores those)."""
+    msg = message.encode("utf-8", "replace")
+    if len(msg) > max_message:
+        msg = msg[: max_message - 3] + b"..."
+    h = [
+        ("kfast.error.stage", stage.encode()),
+        ("kfast.error.class", error_class.encode()),
+        ("kfast.error.message", msg),
+        ("kfast.original.topic", topic.encode()),
+        ("kfast.original.partition", str(partition).encode()),
+        ("kfast.original.offset", str(offset).encode()),
+        ("kfast.original.timestamp", str(timestamp).encode()),
+        ("kfast.attempts", str(attempts).encode()),
+        ("kfast.first_failure", _iso(first_failure).encode()),
+    ]
+    if schema_id is not None:
+        h.append(("kfast.schema.id", str(schema_id).encode()))
+    if sqlstate:
+        h.append(("kfast.sqlstate", sqlstate.encode()))
+    for k, v in original or ():
+        if not k.startswith(HEADER_PREFIX):
+            h.append((k, v))
+    return h
+
+
+class CircuitBreaker:
+    """Trips when the DLQ share of recent input messages is too high.
+
+    ``record(n, dead)`` takes the number of input messages of a batch and the
+    sorted input indices that were dead-lettered. Memory is one bytearray of
+    ``window`` entries.
+    """
+
+    def __init__(self, policy: DeadLetterPolicy) -> None:
+        self.policy = policy
+        self._ring = bytearray(policy.window)
+        self._pos = 0
+        self._seen = 0
+        self._dead_in_window = 0
+        self._run = 0
+
+    def record(self, n: int, dead: Sequence[int]) -> None:
+        p = self.policy
+        w = len(self._ring)
+        dead_set = set(dead)
+        for i in range(n):
+            bit = 1 if i in dead_set else 0
+            self._dead_in_window += bit - self._ring[self._pos]
+            self._ring[self._pos] = bit
+            self._pos = (self._pos + 1) % w
+            self._run = self._run + 1 if bit else 0
+            if p.max_consecutive is not None and self._run >= p.max_consecutive:
+                raise CircuitBreakerOpen(
+                    f"{self._run} consecutive messages went to the DLQ {p.topic!r} "
+                    f"(DeadLetterPolicy.max_consecutive={p.max_consecutive}); stopping instead of "
+                    "draining the topic into the DLQ"
+                )
+        self._seen += n
+        if self._seen >= w and self._dead_in_window > p.max_ratio * w:
+            raise CircuitBreakerOpen(
+                f"{self._dead_in_window} of the last {w} messages went to the DLQ {p.topic!r} "
+                f"(ratio {self._dead_in_window / w:.3f} > DeadLetterPolicy.max_ratio={p.max_ratio}); "
+                "stopping instead of draining the topic into the DLQ"
+            )
+
+
+class DeadLetterQueue:
+    """Sends dead letters and waits for their delivery reports."""
+
+    def __init__(
+        self,
+        policy: DeadLetterPolicy,
+        kafka_config: Mapping[str, Any],
+        retry: RetryPolicy,
+        *,
+        retrier: Retrier | None = None,
+    ) -> None:
+        self.policy = policy
+        self.config = producer_config(policy, kafka_config)
+        self.retrier = retrier or Retrier(retry)
+        self._producer: Any = None
+        self.sent = 0
+        self.retries = 0
+
+    def _get_producer(self) -> Any:
+        if self._producer is None:
+            from confluent_kafka import Producer
+
+            try:
+                self._producer = Producer(self.config)
+            except Exception as exc:  # KafkaException for bad settings
+                raise ConfigError(f"DeadLetterPolicy.producer: {exc}") from exc
+        return self._producer
+
+    def send(self, records: Sequence[DeadLetter], stop: threading.Event | None = None) -> None:
+        """Produce ``records``; return when every one has a successful delivery report."""
+        if not records:
+            return
+        pending = list(records)
+        timeout = int(self.config.get("message.timeout.ms", "30000")) / 1000.0
+
+        def attempt() -> None:
+            nonlocal pending
+            producer = self._get_producer()
+            failed: list[tuple[DeadLetter, Any]] = []
+
+            def report(rec: DeadLetter) -> Any:
+                def cb(err: Any, _msg: Any) -> None:
+                    if err is not None:
+                        failed.append((rec, err))
+
+                return cb
+
+            for rec in pending:
+                while True:
+                    try:
+                        producer.produce(
+                            self.policy.topic,
+                            value=rec.value,
+                            key=rec.key,
+                            headers=rec.headers,
+                            on_delivery=report(rec),
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            # message.timeout.ms bounds every delivery report; wait a bit longer.
+            left = producer.flush(timeout + 10.0)
+            if left:
+                raise KfastError(
+                    f"DLQ producer still has {left} undelivered records after {timeout + 10:.0f}s "
+                    "(message.timeout.ms did not fire); stopping without committing"
+                )
+            if failed:
+                pending = [rec for rec, _ in failed]
+                raise DeadLetterUnavailable(
+                    f"{len(failed)} of the records sent to DLQ topic {self.policy.topic!r} failed: "
+                    f"{failed[0][1]}"
+                )
+            self.sent += len(records)
+
+        def on_retry(_attempt: int, _exc: BaseException, _delay: float) -> None:
+            self.retries += 1
+
+        self.retrier.run(
+            attempt,
+            stop,
+            retry_on=(DeadLetterUnavailable,),
+            on_retry=on_retry,
+            what=f"dead-lettering to {self.policy.topic!r}",
+        )
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(5.0)
+            self._producer = None
+
+
+# ------------------------------------------------------------------ kfast replay
+
+
+def _replay_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kfast replay",
+        description="Re-publish dead letters to their original topic (or --to TOPIC). Original key, "
+        "value and headers are restored; kfast.* headers are dropped.",
+    )
+    p.add_argument("dlq_topic", help="the DLQ topic to read")
+    p.add_argument("--bootstrap-servers", "-b", required=True)
+    p.add_argument("--to", dest="to_topic", help="publish here instead of kfast.original.topic")
+    p.add_argument(
+        "--error-class", action="append", default=[], help="only records of this class (repeatable)"
+    )
+    p.add_argument("--stage", choices=("decode", "sink"), help="only records of this stage")
+    p.add_argument(
+        "--group", help="consumer group: commit replayed offsets (resume later); default: read all"
+    )
+    p.add_argument(
+        "--max-records", type=int, default=0, help="stop after this many replayed (0: no limit)"
+    )
+    p.add_argument(
+        "--max-in-flight", type=int, default=10_000, help="bound on unacknowledged records"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for records/deliveries"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what would be replayed, publish nothing"
+    )
+    p.add_argument(
+        "-X",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra librdkafka setting",
+    )
+    return p
+
+
+def replay_main(args: Sequence[str] | None = None) -> int:
+    """``kfast replay DLQ_TOPIC -b HOST:PORT [--to T] [--error-class C] ...``; returns the exit code."""
+    from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+    ns = _replay_parser().parse_args(list(args) if args is not None else None)
+    if ns.max_in_flight < 1:
+        print("kfast replay: --max-in-flight must be >= 1", file=sys.stderr)
+        return 2
+    extra: dict[str, str] = {}
+    for s in ns.settings:
+        k, sep, v = s.partition("=")
+        if not sep:
+            print(f"kfast replay: -X needs KEY=VALUE, got {s!r}", file=sys.stderr)
+            return 2
+        extra[k] = v
+    base = {"bootstrap.servers": ns.bootstrap_servers, **extra}
+    consumer = Consumer(
+        {
+            **base,
+            "group.id": ns.group or f"kfast-replay-{int(time.time() * 1000)}",
+            "enable.auto.commit": "false",
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": "true",
+        }
+    )
+    producer = Producer(
+        {
+            **base,
+            "acks": "all",
+            "enable.idempotence": "true",
+            "queue.buffering.max.messages": str(max(ns.max_in_flight, 1)),
+        }
+    )
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    replayed = skipped = 0
+    try:
+        md = consumer.list_topics(ns.dlq_topic, timeout=ns.timeout)
+        tmeta = md.topics.get(ns.dlq_topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            print(f"kfast replay: DLQ topic {ns.dlq_topic!r} not found", file=sys.stderr)
+            return 1
+        parts = [TopicPartition(ns.dlq_topic, p) for p in sorted(tmeta.partitions)]
+        # Read up to the end offsets seen now (records arriving later are left for the next run).
+        ends = {}
+        for tp in parts:
+            _lo, hi = consumer.get_watermark_offsets(tp, timeout=ns.timeout)
+            ends[tp.partition] = hi
+        consumer.assign(
+            parts if ns.group else [TopicPartition(ns.dlq_topic, tp.partition, 0) for tp in parts]
+        )
+        done = {p for p, hi in ends.items() if hi == 0}
+        deadline = time.monotonic() + ns.timeout
+        while len(done) < len(parts) and not (ns.max_records and replayed >= ns.max_records):
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if time.monotonic() > deadline:
+                    break
+                continue
+            deadline = time.monotonic() + ns.timeout
+            if msg.error() is not None:
+                if msg.error().code() == -191:  # _PARTITION_EOF
+                    done.add(msg.partition())
+                    continue
+                raise KafkaException(msg.error())
+            if msg.offset() >= ends.get(msg.partition(), 0) - 1:
+                done.add(msg.partition())
+            if msg.offset() >= ends.get(msg.partition(), 0):
+                continue
+            headers = msg.headers() or []
+            hd = {k: v for k, v in headers}
+            cls = (hd.get("kfast.error.class") or b"").decode()
+            stage = (hd.get("kfast.error.stage") or b"").decode()
+            if (ns.error_class and cls not in ns.error_class) or (ns.stage and stage != ns.stage):
+                skipped += 1
+                continue
+            target = ns.to_topic or (hd.get("kfast.original.topic") or b"").decode()
+            if not target:
+                skipped += 1
+                continue
+            if not ns.dry_run:
+                original = [(k, v) for k, v in headers if not k.startswith(HEADER_PREFIX)]
+                while True:
+                    try:
+                        producer.produce(
+                            target,
+                            value=msg.value(),
+                            key=msg.key(),
+                            headers=original,
+                            on_delivery=on_delivery,
+                        )
+                        break
+                    except BufferError:  # max in flight reached: wait for reports
+                        producer.poll(0.1)
+                producer.poll(0)
+            replayed += 1
+        left = producer.flush(ns.timeout)
+        if left or errors:
+            print(
+                f"kfast replay: {left} records unconfirmed, {len(errors)} failed ({errors[:1]}); "
+                "offsets not committed",
+                file=sys.stderr,
+            )
+            return 1
+        if ns.group and not ns.dry_run:
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                if "NO_OFFSET" not in str(exc):
+                    raise
+    finally:
+        consumer.close()
+    verb = "would replay" if ns.dry_run else "replayed"
+    print(f"kfast replay: {verb} {replayed} records from {ns.dlq_topic}, skipped {skipped}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(replay_main())
