@@ -432,7 +432,7 @@ def replay_main(args: Sequence[str] | None = None) -> int:
         done = {p for p, hi in ends.items() if hi == 0}
         deadline = time.monotonic() + ns.timeout
         while len(done) < len(parts) and not (ns.max_records and replayed >= ns.max_records):
-            msg = consumer.poll(0.2)
+            msg: Any = consumer.poll(0.2)
             if msg is None:
                 if time.monotonic() > deadline:
                     break
