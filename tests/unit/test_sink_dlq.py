@@ -1,0 +1,127 @@
+"""DeadLetterPolicy validation, DLQ producer settings, headers and circuit breaker (no broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kfast.dlq import (
+    CircuitBreaker,
+    CircuitBreakerOpen,
+    DeadLetterPolicy,
+    dlq_headers,
+    producer_config,
+)
+from kfast.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"topic": ""}, "topic"),
+        ({"topic": "x" * 250}, "topic"),
+        ({"topic": "d", "max_ratio": 0}, "max_ratio"),
+        ({"topic": "d", "max_ratio": 1.5}, "max_ratio"),
+        ({"topic": "d", "max_consecutive": 0}, "max_consecutive"),
+        ({"topic": "d", "window": 10}, "window"),
+        ({"topic": "d", "producer": {"acks": "1"}}, r"producer\['acks'\]"),
+        (
+            {"topic": "d", "producer": {"enable.idempotence": "false"}},
+            r"producer\['enable.idempotence'\]",
+        ),
+        ({"topic": "d", "producer": "bootstrap.servers=x"}, "producer"),
+    ],
+)
+def test_policy_validation_names_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"DeadLetterPolicy\.{field}"):
+        DeadLetterPolicy(**kwargs)
+
+
+def test_producer_config_is_separate_and_durable() -> None:
+    consumer = {
+        "bootstrap.servers": "b:9092",
+        "group.id": "g",
+        "fetch.max.bytes": "1000",
+        "security.protocol": "SASL_SSL",
+        "sasl.username": "u",
+        "enable.auto.commit": "false",
+    }
+    conf = producer_config(
+        DeadLetterPolicy("d", producer={"linger.ms": 20, "acks": "-1"}), consumer
+    )
+    assert conf["acks"] == "all" and conf["enable.idempotence"] == "true"
+    assert conf["bootstrap.servers"] == "b:9092" and conf["sasl.username"] == "u"
+    assert conf["linger.ms"] == "20"
+    assert (
+        "group.id" not in conf
+        and "fetch.max.bytes" not in conf
+        and "enable.auto.commit" not in conf
+    )
+    # The DLQ may live on another cluster.
+    other = producer_config(DeadLetterPolicy("d", producer={"bootstrap.servers": "o:1"}), consumer)
+    assert other["bootstrap.servers"] == "o:1"
+    with pytest.raises(ConfigError, match="bootstrap.servers"):
+        producer_config(DeadLetterPolicy("d"), {"group.id": "g"})
+
+
+def test_headers_exactly_as_designed() -> None:
+    h = dlq_headers(
+        stage="sink",
+        error_class="UniqueViolation",
+        message="duplicate key",
+        topic="orders",
+        partition=2,
+        offset=41,
+        timestamp=1_700_000_000_000,
+        attempts=4,
+        first_failure=0.0,
+        schema_id=7,
+        sqlstate="23505",
+        original=[("trace", b"abc"), ("kfast.error.stage", b"spoofed")],
+    )
+    assert h == [
+        ("kfast.error.stage", b"sink"),
+        ("kfast.error.class", b"UniqueViolation"),
+        ("kfast.error.message", b"duplicate key"),
+        ("kfast.original.topic", b"orders"),
+        ("kfast.original.partition", b"2"),
+        ("kfast.original.offset", b"41"),
+        ("kfast.original.timestamp", b"1700000000000"),
+        ("kfast.attempts", b"4"),
+        ("kfast.first_failure", b"1970-01-01T00:00:00.000+00:00"),
+        ("kfast.schema.id", b"7"),
+        ("kfast.sqlstate", b"23505"),
+        ("trace", b"abc"),
+    ]
+    short = dlq_headers(
+        stage="decode",
+        error_class="DecodeError",
+        message="x" * 10_000,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp=0,
+        attempts=1,
+        first_failure=0.0,
+    )
+    names = [k for k, _ in short]
+    assert "kfast.schema.id" not in names and "kfast.sqlstate" not in names
+    assert len(dict(short)["kfast.error.message"]) == 4096
+
+
+def test_breaker_ratio_over_window() -> None:
+    b = CircuitBreaker(DeadLetterPolicy("d", max_ratio=0.1, window=100, max_consecutive=None))
+    b.record(50, list(range(0, 50, 5)))  # 10 dead, window not full yet
+    b.record(50, [])  # 10 / 100 = 0.1: not above
+    b.record(100, list(range(0, 100, 10)))  # last 100: 10
+    with pytest.raises(CircuitBreakerOpen, match="max_ratio"):
+        b.record(10, [0, 1])  # last 100: 11
+
+
+def test_breaker_consecutive_spans_batches() -> None:
+    b = CircuitBreaker(DeadLetterPolicy("d", max_consecutive=5))
+    b.record(10, [7, 8, 9])
+    b.record(1, [0])  # run 4
+    with pytest.raises(CircuitBreakerOpen, match="5 consecutive"):
+        b.record(3, [0, 2])  # run 5 at index 0
+    b2 = CircuitBreaker(DeadLetterPolicy("d", max_consecutive=3))
+    b2.record(10, [0, 1, 3, 4, 6, 7, 9])  # runs of 2 only
