@@ -321,7 +321,7 @@ class PostgresSink:
         connections: int = 1,
         *,
         offsets_table: str = "kfast_offsets",
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = 128 << 10,
         connect_timeout: float = 10.0,
     ) -> None:
         if not isinstance(dsn, str) or not dsn:
