@@ -121,11 +121,13 @@ class DeadLetterPolicy:
 
 def producer_config(policy: DeadLetterPolicy, kafka_config: Mapping[str, Any]) -> dict[str, str]:
     """librdkafka settings of the DLQ producer: how to reach the cluster (from
-    the consumer's dict), then the policy's own settings, then the forced
-    durability settings."""
+    the consumer's dict, plus the producer queue bounds the runtime derives
+    from ``memory_limit``), then the policy's own settings, then the forced
+    durability settings. Consumer settings (group.id, fetch sizes, ...) never
+    reach the producer."""
     conf: dict[str, str] = {}
     for k, v in kafka_config.items():
-        if k in _CONNECTION_KEYS or k.startswith(_CONNECTION_PREFIXES):
+        if k in _CONNECTION_KEYS or k in _BUDGET_KEYS or k.startswith(_CONNECTION_PREFIXES):
             conf[k] = str(v)
     conf["message.timeout.ms"] = "30000"
     conf["linger.ms"] = "5"

@@ -44,13 +44,14 @@ def test_producer_config_is_separate_and_durable() -> None:
         "security.protocol": "SASL_SSL",
         "sasl.username": "u",
         "enable.auto.commit": "false",
+        "queue.buffering.max.kbytes": "2048",  # the runtime's DLQ budget
     }
     conf = producer_config(
         DeadLetterPolicy("d", producer={"linger.ms": 20, "acks": "-1"}), consumer
     )
     assert conf["acks"] == "all" and conf["enable.idempotence"] == "true"
     assert conf["bootstrap.servers"] == "b:9092" and conf["sasl.username"] == "u"
-    assert conf["linger.ms"] == "20"
+    assert conf["linger.ms"] == "20" and conf["queue.buffering.max.kbytes"] == "2048"
     assert (
         "group.id" not in conf
         and "fetch.max.bytes" not in conf
