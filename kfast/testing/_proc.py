@@ -21,15 +21,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
+    "OWNER_FILE",
     "free_port",
     "free_ports",
     "log_tail",
+    "make_owned_tmp_dir",
     "register_cleanup",
     "stop_process",
+    "sweep_stale_tmp_dirs",
     "unregister_cleanup",
     "wait_for_port",
     "with_parent_death_signal",
 ]
+
+OWNER_FILE = "kfast-owner.pid"
 
 _cleanups: dict[int, Callable[[], None]] = {}
 _cleanup_lock = threading.Lock()
@@ -161,3 +166,47 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return ""
     text = data.decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_owned_tmp_dir(prefix: str, base: Path | None = None) -> Path:
+    """``mkdtemp`` plus a file naming this process, so later runs can sweep it if we crash."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    (path / OWNER_FILE).write_text(f"{os.getpid()}\n", encoding="ascii")
+    return path
+
+
+def sweep_stale_tmp_dirs(prefix: str, base: Path | None = None, min_age: float = 60.0) -> int:
+    """Delete ``<base>/<prefix>*`` directories left by test processes that no longer exist.
+
+    Only directories with an owner file whose pid is dead and older than ``min_age`` seconds
+    are removed (a SIGKILLed session cannot clean up after itself; its servers died with it
+    through the parent-death signal).  Returns how many were removed.
+    """
+    import tempfile
+
+    root = base if base is not None else Path(tempfile.gettempdir())
+    removed = 0
+    now = time.time()
+    for d in root.glob(prefix + "*"):
+        owner = d / OWNER_FILE
+        try:
+            pid = int(owner.read_text(encoding="ascii").strip())
+            if _pid_alive(pid) or now - owner.stat().st_mtime < min_age:
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += not d.exists()
+    return removed

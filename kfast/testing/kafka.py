@@ -392,8 +392,8 @@ class KafkaBroker:
         jars = self._jars if self._jars is not None else fetch_kafka()
         self._jars = jars
         self.timings["fetch_s"] = time.monotonic() - t0
-        base = self._base_dir if self._base_dir is not None else None
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix="kfast-kafka-", dir=base))
+        _proc.sweep_stale_tmp_dirs("kfast-kafka-", self._base_dir)
+        self.tmp_dir = _proc.make_owned_tmp_dir("kfast-kafka-", self._base_dir)
         _proc.register_cleanup(self, self._atexit)
         (self.tmp_dir / "log4j2.properties").write_text(
             LOG4J2_PROPERTIES.format(level="INFO"), encoding="utf-8"

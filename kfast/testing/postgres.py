@@ -233,7 +233,8 @@ class PostgresServer:
         if base is None and self._run_as is not None:
             default = Path(tempfile.gettempdir())
             base = default if _world_traversable(default) else Path("/tmp")
-        tmp = Path(tempfile.mkdtemp(prefix="kfast-pg-", dir=base))
+        _proc.sweep_stale_tmp_dirs("kfast-pg-", base)
+        tmp = _proc.make_owned_tmp_dir("kfast-pg-", base)
         (tmp / "sock").mkdir()
         if self._run_as is not None:
             pw = pwd.getpwnam(self._run_as)

@@ -21,6 +21,8 @@ failing "broker down" test does not cascade into the rest of the session.
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,6 +46,31 @@ __all__ = [
 _BROKER = pytest.StashKey[KafkaBroker]()
 _PG = pytest.StashKey[PostgresServer]()
 _REPORT = pytest.StashKey[list[str]]()
+_OLD_SIGTERM = pytest.StashKey[Any]()
+
+
+def _teardown_on_sigterm(config: pytest.Config) -> None:
+    """Make SIGTERM behave like Ctrl-C (pytest then tears the services down) while they run.
+
+    Python's default SIGTERM action exits without running ``finally`` blocks or ``atexit``; the
+    servers would still die (parent-death signal) but their temp dirs would stay.  Only the
+    default handler is replaced, and only from the main thread.
+    """
+    if _OLD_SIGTERM in config.stash or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+    config.stash[_OLD_SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    old = config.stash.get(_OLD_SIGTERM, None)
+    if old is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, old)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -72,6 +99,7 @@ def unique_name(prefix: str, nodename: str, max_len: int = 120) -> str:
 
 @pytest.fixture(scope="session")
 def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
+    _teardown_on_sigterm(request.config)
     broker = KafkaBroker()
     try:
         broker.start()
@@ -109,6 +137,7 @@ def kafka_consumer_config(kafka_broker: KafkaBroker) -> Callable[..., dict[str, 
 
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    _teardown_on_sigterm(request.config)
     server = PostgresServer()
     try:
         server.start()
