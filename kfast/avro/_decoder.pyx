@@ -43,6 +43,7 @@ from kfast._columns cimport (
     COL_OBJECT,
     COL_STRUCT,
     Column,
+    buf_append,
     buf_reserve,
     col_append_bool,
     col_append_bytes,
@@ -53,6 +54,8 @@ from kfast._columns cimport (
     col_append_list_end,
     col_append_null,
     col_append_struct,
+    col_end_offset,
+    col_mark,
 )
 from kfast._cursor cimport (
     CUR_BAD_LENGTH,
@@ -164,6 +167,7 @@ cdef struct Ctx:
     const int32_t* ints
     const unsigned char* blob
     Column* cols
+    int32_t obj_tag      # >= 0: prefix OBJECT spans with this int32 (Confluent program slot)
     # where the last failure happened
     int32_t err_op
     int64_t err_val
@@ -320,6 +324,17 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
     if op.col >= 0:
         if col_append_list_end(&x.cols[op.col], x.cols[op.c].length) < 0:
             return E_NOMEM
+    return 0
+
+
+cdef int _append_tagged(Column* col, int32_t tag, const unsigned char* p,
+                        Py_ssize_t n) noexcept nogil:
+    """One OBJECT slot holding a 4-byte tag then the value's bytes."""
+    if col_mark(col, True) < 0 or buf_append(&col.values, &tag, 4) < 0:
+        return -1
+    if buf_append(&col.values, p, n) < 0 or col_end_offset(col, col.values.len) < 0:
+        return -1
+    col.length += 1
     return 0
 
 
@@ -495,8 +510,13 @@ cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
         rc = _run(x, op.a, c, depth + 1)
         if rc < 0:
             return rc
-        if col != NULL and col_append_bytes(col, at, c.buf - at) < 0:
-            return E_NOMEM
+        if col != NULL:
+            if x.obj_tag >= 0:
+                rc = _append_tagged(col, x.obj_tag, at, c.buf - at)
+            else:
+                rc = col_append_bytes(col, at, c.buf - at)
+            if rc < 0:
+                return E_NOMEM
         return 0
     if kind == K_DEFAULT:
         cur_init(&dc, x.blob + op.a, op.b)
@@ -736,6 +756,7 @@ cdef class AvroDecoder(BaseDecoder):
         x.blob = prog.blob
         x.cols = out.cols
         x.err_at = NULL
+        x.obj_tag = -1
         with nogil:
             for i in range(n):
                 out.begin_row_checkpoint(self.saved)
@@ -882,8 +903,14 @@ cdef class FramedAvroDecoder(BaseDecoder):
                 refs[i].ints = prog.ints
                 refs[i].blob = prog.blob
                 refs[i].root = prog.root
-            # 3. decode with the GIL released
-            out.setup(cols_prog.spec, cols_prog.layout, cols_prog.converters)
+            # 3. decode with the GIL released; OBJECT spans carry their program
+            # slot so each is converted with its own writer schema
+            converters = tuple(
+                _TaggedConverter(programs, k) if conv is not None else None
+                for k, conv in enumerate(cols_prog.converters)
+            )
+            out.setup(cols_prog.spec, cols_prog.layout, converters)
+            x.obj_tag = 0
             _ensure_saved(&self.saved, &self.nsaved, out.ncols + 1)
             _reserve(out, cols_prog, n)
             x.cols = out.cols
@@ -899,6 +926,7 @@ cdef class FramedAvroDecoder(BaseDecoder):
                     elif refs[slot[i]].ops == NULL:
                         rc = E_SCHEMA
                     else:
+                        x.obj_tag = slot[i]
                         x.ops = refs[slot[i]].ops
                         x.ints = refs[slot[i]].ints
                         x.blob = refs[slot[i]].blob
@@ -938,3 +966,18 @@ cdef class FramedAvroDecoder(BaseDecoder):
 
     def _failure_reason(self, schema_id, exc):
         return f"schema id {schema_id}: {exc}"
+
+
+class _TaggedConverter:
+    """OBJECT converter of a Confluent batch: the first 4 bytes of each span
+    name the program (writer schema) that produced it."""
+
+    __slots__ = ("programs", "col")
+
+    def __init__(self, programs, col):
+        self.programs = programs
+        self.col = col
+
+    def __call__(self, raw):
+        slot = int.from_bytes(raw[:4], "little")
+        return self.programs[slot].converters[self.col](raw[4:])

@@ -210,3 +210,21 @@ def test_protobuf_dispatch_point(http_registry: str) -> None:
     dec._protobuf = FakeProtobuf()
     assert dec.decode([frame(9, V1, {"id": 1})]) == "protobuf batch"
     assert len(seen) == 1
+
+
+def test_object_columns_use_each_writer_schema(mock_registry: Any) -> None:
+    reg = mock_registry[0]
+    w1 = {"type": "record", "name": "U", "fields": [{"name": "u", "type": ["int", "string"]}]}
+    w2 = {"type": "record", "name": "U", "fields": [{"name": "u", "type": ["string", "long"]}]}
+    reader = {
+        "type": "record",
+        "name": "U",
+        "fields": [{"name": "u", "type": ["null", "long", "string"]}],
+    }
+    i1 = reg.register_schema("u1-value", Schema(json.dumps(w1), "AVRO"))
+    i2 = reg.register_schema("u2-value", Schema(json.dumps(w2), "AVRO"))
+    payloads = [frame(i1, w1, {"u": 5}), frame(i2, w2, {"u": "s"}), frame(i2, w2, {"u": 7}),
+                frame(i1, w1, {"u": "t"})]  # fmt: skip
+    batch = ConfluentDecoder(reg, reader_schema=reader).decode(payloads)
+    assert batch.errors == []
+    assert batch.to_pylist() == [{"u": 5}, {"u": "s"}, {"u": 7}, {"u": "t"}]
