@@ -51,6 +51,8 @@ _CONNECTION_KEYS = (
     "broker.address.family",
 )
 _CONNECTION_PREFIXES = ("ssl.", "sasl.")
+# Producer queue bounds the runtime derives from memory_limit and passes along.
+_BUDGET_KEYS = ("queue.buffering.max.kbytes", "queue.buffering.max.messages")
 _FORCED = {"acks": "all", "enable.idempotence": "true"}
 _ACKS_ALL = {"all", "-1"}
 
