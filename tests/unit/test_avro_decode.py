@@ -447,3 +447,42 @@ def test_recycling_refuses_while_a_view_is_alive() -> None:
         dec.decode([encode(ORDER, order(2))], out=batch)
     view.release()
     assert dec.decode([encode(ORDER, order(2))], out=batch).to_pylist()[0]["id"] == 2
+
+
+def test_namespaces_and_named_references_in_object_columns() -> None:
+    schema = {
+        "type": "record",
+        "name": "Outer",
+        "namespace": "a.b",
+        "fields": [
+            {
+                "name": "inner",
+                "type": {
+                    "type": "record",
+                    "name": "Inner",
+                    "namespace": "c",
+                    "fields": [{"name": "x", "type": "int"}],
+                },
+            },
+            {"name": "lst", "type": {"type": "array", "items": "c.Inner"}},
+            {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A", "B"]}},
+            {"name": "u", "type": ["null", "E", "c.Inner", "Outer"]},
+            {
+                "name": "plain",
+                "type": {
+                    "type": "record",
+                    "name": "Plain",
+                    "namespace": "",
+                    "fields": [{"name": "p", "type": "a.b.E"}],
+                },
+            },
+            {"name": "u2", "type": ["null", {"type": "array", "items": "c.Inner"}, "string"]},
+        ],
+    }
+    inner = {"inner": {"x": 3}, "lst": [], "e": "A", "u": None, "plain": {"p": "A"}, "u2": None}
+    recs = [
+        {"inner": {"x": 1}, "lst": [{"x": 2}], "e": "B", "u": inner, "plain": {"p": "B"},
+         "u2": [{"x": 5}]},
+        {"inner": {"x": 1}, "lst": [], "e": "A", "u": "B", "plain": {"p": "B"}, "u2": "s"},
+    ]  # fmt: skip
+    roundtrip(schema, recs)
