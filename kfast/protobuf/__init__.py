@@ -14,7 +14,7 @@ from kfast.protobuf.confluent import parse_message_indexes
 
 __all__ = ["ProtobufDecoder", "message_to_dict", "parse_message_indexes"]
 
-MAX_DEPTH_LIMIT = 100   # google's own parser refuses deeper messages
+MAX_DEPTH_LIMIT = 100  # google's own parser refuses deeper messages
 
 
 def _descriptor_of(message: Any) -> Descriptor:
@@ -58,7 +58,9 @@ class ProtobufDecoder(ProtobufDecoderBase):
                 f"got {max_depth!r}"
             )
         if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
-            raise ConfigError(f"ProtobufDecoder max_columns must be an int >= 1, got {max_columns!r}")
+            raise ConfigError(
+                f"ProtobufDecoder max_columns must be an int >= 1, got {max_columns!r}"
+            )
         self.descriptor = desc
         self.max_depth = max_depth
         self._load(compile_plan(desc, max_depth=max_depth, max_columns=max_columns))

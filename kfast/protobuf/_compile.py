@@ -79,7 +79,7 @@ _LEN_TYPES = (FD.TYPE_STRING, FD.TYPE_BYTES, FD.TYPE_MESSAGE, FD.TYPE_GROUP)
 DENSE_LOOKUP_LIMIT = 1024
 
 
-def is_map(fd: FieldDescriptor) -> bool:
+def is_map(fd: Any) -> bool:
     return (
         fd.type == FD.TYPE_MESSAGE
         and fd.message_type is not None
@@ -147,7 +147,7 @@ class _Compiler:
         self.converters.append(converter)
         return len(self.spec) - 1
 
-    def enum_set(self, fd: FieldDescriptor) -> int:
+    def enum_set(self, fd: Any) -> int:
         if fd.type != FD.TYPE_ENUM or not fd.enum_type.is_closed:
             return -1
         key = fd.enum_type.full_name
@@ -160,12 +160,12 @@ class _Compiler:
         return self.enum_index[key]
 
     @staticmethod
-    def enum_arg(fd: FieldDescriptor) -> dict[int, str] | None:
+    def enum_arg(fd: Any) -> dict[int, str] | None:
         if fd.type != FD.TYPE_ENUM:
             return None
         return {n: v.name for n, v in fd.enum_type.values_by_number.items()}
 
-    def value_node(self, col: int, fd: FieldDescriptor) -> ValueNode:
+    def value_node(self, col: int, fd: Any) -> ValueNode:
         return ValueNode(col, KIND[fd.type][1], self.enum_arg(fd))
 
     def vtype(self, desc: Descriptor) -> int:
@@ -177,6 +177,7 @@ class _Compiler:
         self.vtype_index[desc.full_name] = idx
         self.vtypes.append([0, 0])
         rows = []
+        fd: Any
         for fd in sorted(desc.fields, key=lambda f: f.number):
             t = fd.type
             packed = -1
@@ -194,6 +195,7 @@ class _Compiler:
         """Would a flattened ``desc`` append to columns while decoding (lists, maps,
         raw bytes)? Such a message cannot be an inline oneof member, because
         switching members must be able to forget it."""
+        fd: Any
         for fd in desc.fields:
             if fd.is_repeated:
                 return True
@@ -250,7 +252,7 @@ class _Compiler:
         return mi, tuple(nodes)
 
     def field(
-        self, fd: FieldDescriptor, name: str, ancestors: frozenset[str], fr: _Frame, oneof: int
+        self, fd: Any, name: str, ancestors: frozenset[str], fr: _Frame, oneof: int
     ) -> tuple[list[int], Any]:
         t = fd.type
         # number mode ptype kptype wire packable slot slot_end col col2 col3 sub oneof enum group
@@ -312,7 +314,7 @@ class _Compiler:
         return row, self.value_node(c, fd)
 
     def object_field(
-        self, fd: FieldDescriptor, name: str, row: list[int], fr: _Frame, repeated: bool
+        self, fd: Any, name: str, row: list[int], fr: _Frame, repeated: bool
     ) -> tuple[list[int], Any]:
         parent = message_factory.GetMessageClass(fd.containing_type)
         oc = self.col(name, COL_OBJECT, True, field_converter(parent, fd))

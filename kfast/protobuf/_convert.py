@@ -17,7 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 _PLANS: dict[str, list[tuple[str, Callable[[Any], Any]]]] = {}
 
 
-def _value_converter(fd: FieldDescriptor) -> Callable[[Any], Any] | None:
+def _value_converter(fd: Any) -> Callable[[Any], Any] | None:
     if fd.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
         return message_to_dict
     if fd.type == FieldDescriptor.TYPE_ENUM:
@@ -26,7 +26,7 @@ def _value_converter(fd: FieldDescriptor) -> Callable[[Any], Any] | None:
     return None
 
 
-def _is_map(fd: FieldDescriptor) -> bool:
+def _is_map(fd: Any) -> bool:
     return (
         fd.type == FieldDescriptor.TYPE_MESSAGE
         and fd.message_type is not None
@@ -34,7 +34,7 @@ def _is_map(fd: FieldDescriptor) -> bool:
     )
 
 
-def _handler(fd: FieldDescriptor) -> Callable[[Any], Any]:
+def _handler(fd: Any) -> Callable[[Any], Any]:
     name = fd.name
     if _is_map(fd):
         vconv = _value_converter(fd.message_type.fields_by_number[2])
@@ -68,7 +68,7 @@ def message_to_dict(msg: Any) -> dict[str, Any]:
     return {name: get(msg) for name, get in _plan(msg.DESCRIPTOR)}
 
 
-def field_converter(parent_cls: Any, fd: FieldDescriptor) -> Callable[[bytes], Any]:
+def field_converter(parent_cls: Any, fd: Any) -> Callable[[bytes], Any]:
     """``raw field bytes -> value``: ``raw`` holds every occurrence of field ``fd``
     of one payload, tags included, so it parses as a ``parent_cls`` message with
     only that field set (occurrences merge or concatenate exactly as google does)."""

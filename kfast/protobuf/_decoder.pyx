@@ -20,6 +20,7 @@ from libc.string cimport memcmp, memcpy, memmove, memset
 
 from kfast._batch cimport Batch, BaseDecoder
 from kfast._columns cimport (
+    COL_OBJECT,
     Column,
     buf_append,
     col_append_bool,
@@ -469,6 +470,7 @@ cdef int decode_map_entry(Ctx* c, const PField* f, const unsigned char* p,
     cdef const unsigned char* kp = NULL
     cdef const unsigned char* vp = NULL
     cdef Py_ssize_t kn = 0, vn = 0
+    cdef bint unknown = False
     if depth > c.max_depth:
         return fail(c, E_DEPTH, p, f.number)
     while p < end:
@@ -513,8 +515,11 @@ cdef int decode_map_entry(Ctx* c, const PField* f, const unsigned char* p,
             rc = skip_field(c, wt, num, &p, end, depth)
             if rc:
                 return rc
-    if f.enum_set >= 0 and not enum_known(c, f.enum_set, <int32_t>vv):
-        return 0    # google keeps such an entry in unknown fields: not in the map
+            unknown = True
+    if unknown or (f.enum_set >= 0 and not enum_known(c, f.enum_set, <int32_t>vv)):
+        # upb keeps an entry with unknown fields (or an unknown closed-enum
+        # value) in the parent's unknown fields: it is not in the map
+        return 0
     if f.kptype == T_STRING:
         rc = col_append_bytes(&c.cols[f.col2], kp, kn)
     else:
@@ -884,6 +889,15 @@ cdef inline int null_slot(Ctx* c, const POp* op) noexcept nogil:
     return col_append_null(col)
 
 
+cdef void drop_open_objects(Column* cols, Py_ssize_t ncols) noexcept nogil:
+    """Forget raw bytes appended to OBJECT slots that were never closed (the
+    row failed before its frame closed; ``col_truncate`` leaves them alone)."""
+    cdef Py_ssize_t k
+    for k in range(ncols):
+        if cols[k].kind == COL_OBJECT:
+            cols[k].values.len = (<int32_t*>cols[k].offsets.data)[cols[k].length]
+
+
 # ---------------------------------------------------------------- the decoder type
 
 cdef void* _copy_table(object data, Py_ssize_t itemsize) except? NULL:
@@ -995,6 +1009,7 @@ cdef class ProtobufDecoderBase(BaseDecoder):
                             out.num_rows += 1
                     if rc:
                         out.rollback(saved)
+                        drop_open_objects(c.cols, out.ncols)
                         if c.err_code == E_NOMEM:
                             nomem = True
                             break

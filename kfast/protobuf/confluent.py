@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kfast.errors import DecodeError
 
-MAX_PATH = 128   # more nesting than any real .proto file has
+MAX_PATH = 128  # more nesting than any real .proto file has
 
 
 def _zigzag_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
