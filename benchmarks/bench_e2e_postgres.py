@@ -1,0 +1,274 @@
+"""End to end, Kafka -> PostgreSQL: N Avro order records, three ways, one run.
+
+* ``kfast``: ``kfast.Pipeline`` (AvroDecoder -> PostgresSink(mode="copy"), batches of 10k rows,
+  offsets committed after each durable batch).
+* ``naive``: what a user writes today: confluent-kafka ``consume(10_000)``, ``fastavro
+  .schemaless_reader`` per message, psycopg ``copy.write_row`` per row (binary COPY), ``COMMIT``,
+  then ``consumer.commit(asynchronous=False)`` per batch.
+* ``ceiling``: the server's ceiling: COPY of the same rows pre-encoded as binary COPY buffers (no
+  Kafka, no decoding, no client encoding), one transaction per 10k rows.
+
+The table is the demo's order table (``kfast.testing.orders``: 10 columns incl. timestamptz, enum
+text, int[] and a flattened nested record). Each path starts from an empty table; time is from the
+start of consumption to the last row committed.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_e2e_postgres.py --rows 1000000 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from typing import Any
+
+import fastavro
+import psycopg
+
+import kfast
+from kfast.sinks.postgres import PostgresSink
+from kfast.testing.orders import ORDER_SCHEMA, ORDER_TABLE_DDL, encode_orders
+
+BATCH = 10_000
+COLS = [
+    "id",
+    "customer",
+    "price",
+    "quantity",
+    "paid",
+    "created_at",
+    "status",
+    "coupon",
+    "items",
+    "address_city",
+    "address_zip",
+]
+TYPES = [
+    "int8",
+    "text",
+    "float8",
+    "int4",
+    "bool",
+    "timestamptz",
+    "text",
+    "text",
+    "int4[]",
+    "text",
+    "text",
+]
+
+
+def reset(dsn: str, table: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute(ORDER_TABLE_DDL.format(table=table))
+        c.execute("CHECKPOINT")
+
+
+def count(dsn: str, table: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else 0
+
+
+def run_kfast(bootstrap: str, topic: str, dsn: str, n: int) -> float:
+    table = "e2e_kfast"
+    reset(dsn, table)
+    pipe = kfast.Pipeline(
+        kafka={
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-kfast-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+        },
+        topics=[topic],
+        decoder=kfast.AvroDecoder(ORDER_SCHEMA),
+        sink=PostgresSink(dsn, table),
+        batch=kfast.BatchPolicy(max_rows=BATCH, max_wait=0.05),
+        memory_limit="256MiB",
+        install_signal_handlers=False,
+    )
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            pipe.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    while th.is_alive():
+        d = pipe.metrics().get("delivery") or {}
+        if d.get("rows_written", 0) >= n:
+            break
+        time.sleep(0.05)
+    dt = time.perf_counter() - t0
+    pipe.stop()
+    th.join(120)
+    if errors:
+        raise errors[0]
+    assert count(dsn, table) == n
+    return dt
+
+
+def run_naive(bootstrap: str, topic: str, dsn: str, n: int) -> float:
+    from confluent_kafka import Consumer
+
+    table = "e2e_naive"
+    reset(dsn, table)
+    parsed = fastavro.parse_schema(ORDER_SCHEMA)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-naive-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": "false",
+        }
+    )
+    consumer.subscribe([topic])
+    copy_sql = f"COPY {table} ({', '.join(COLS)}) FROM STDIN (FORMAT BINARY)"
+    done = 0
+    with psycopg.connect(dsn) as conn:
+        t0 = time.perf_counter()
+        while done < n:
+            msgs = consumer.consume(num_messages=BATCH, timeout=0.5)
+            if not msgs:
+                continue
+            with conn.cursor() as cur, cur.copy(copy_sql) as cp:
+                cp.set_types(TYPES)
+                for m in msgs:
+                    if m.error() is not None:
+                        continue
+                    r: Any = fastavro.schemaless_reader(io.BytesIO(m.value()), parsed, parsed)
+                    a = r["address"]
+                    cp.write_row(
+                        (
+                            r["id"],
+                            r["customer"],
+                            r["price"],
+                            r["quantity"],
+                            r["paid"],
+                            r["created_at"],
+                            r["status"],
+                            r["coupon"],
+                            r["items"],
+                            a["city"],
+                            a["zip"],
+                        )
+                    )
+                    done += 1
+            conn.commit()
+            consumer.commit(asynchronous=False)
+        dt = time.perf_counter() - t0
+    consumer.close()
+    assert count(dsn, table) == n
+    return dt
+
+
+def run_ceiling(dsn: str, payloads: list[bytes]) -> tuple[float, int]:
+    """COPY of pre-encoded binary buffers (encoded by kfast beforehand, outside the timing)."""
+    table = "e2e_ceiling"
+    reset(dsn, table)
+    dec = kfast.AvroDecoder(ORDER_SCHEMA)
+    sink = PostgresSink(dsn, table)
+    streams: list[bytes] = []
+    for i in range(0, len(payloads), BATCH):
+        b = dec.decode(payloads[i : i + BATCH])
+        plan = sink._ensure_plan(b)
+        enc = sink._encoders[0]
+        enc.clear()
+        enc.header()
+        enc.encode(b, 0, b.num_rows, 1 << 40)
+        enc.trailer()
+        streams.append(bytes(memoryview(enc)))
+    sink.close()
+    copy_sql = f"COPY {table} ({', '.join(plan.columns)}) FROM STDIN (FORMAT BINARY)"
+    with psycopg.connect(dsn) as conn:
+        t0 = time.perf_counter()
+        for data in streams:
+            mv = memoryview(data)
+            with conn.cursor() as cur, cur.copy(copy_sql) as cp:
+                for j in range(0, len(mv), 128 << 10):
+                    cp.write(mv[j : j + (128 << 10)])
+            conn.commit()
+        dt = time.perf_counter() - t0
+    assert count(dsn, table) == len(payloads)
+    return dt, sum(len(s) for s in streams)
+
+
+def bench(bootstrap: str, create_topic: Any, produce: Any, dsn: str, n: int) -> dict[str, Any]:
+    payloads = encode_orders(n)
+    topic = f"bench-e2e-{time.time_ns()}"
+    create_topic(topic)
+    for i in range(0, n, 100_000):
+        produce(topic, payloads[i : i + 100_000])
+    t_kfast = run_kfast(bootstrap, topic, dsn, n)
+    t_naive = run_naive(bootstrap, topic, dsn, n)
+    t_ceiling, nbytes = run_ceiling(dsn, payloads)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SHOW server_version").fetchone()
+    return {
+        "rows": n,
+        "batch_rows": BATCH,
+        "copy_bytes": nbytes,
+        "seconds": {"kfast": t_kfast, "naive": t_naive, "ceiling": t_ceiling},
+        "rows_per_s": {"kfast": n / t_kfast, "naive": n / t_naive, "ceiling": n / t_ceiling},
+        "ratios": {
+            "kfast_vs_naive": t_naive / t_kfast,
+            "kfast_share_of_ceiling": t_ceiling / t_kfast,
+        },
+        "environment": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "psycopg": psycopg.__version__,
+            "postgresql": row[0] if row else "?",
+            "kfast": kfast.__version__,
+            "note": "single-node Kafka and PostgreSQL from kfast.testing on loopback, same machine",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--json", help="write the result here")
+    ns = ap.parse_args(argv)
+    from kfast.testing import KafkaBroker, PostgresServer
+
+    with KafkaBroker() as kb, PostgresServer() as pg:
+        res = bench(kb.bootstrap, kb.create_topic, kb.produce, pg.dsn, ns.rows)
+    r, s = res["rows_per_s"], res["seconds"]
+    print(f"rows: {res['rows']:,} Kafka -> PostgreSQL, batches of {BATCH:,}")
+    for k in ("kfast", "naive", "ceiling"):
+        print(f"  {k:<8} {s[k]:8.2f} s  {r[k]:>12,.0f} rows/s")
+    print(
+        f"  kfast vs naive: {res['ratios']['kfast_vs_naive']:.1f}x; kfast reaches "
+        f"{100 * res['ratios']['kfast_share_of_ceiling']:.0f}% of the server ceiling"
+    )
+    print(json.dumps(res["environment"]))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def test_bench_e2e_postgres(kafka_broker: Any, pg_dsn: str, benchmark: Any) -> None:
+    n = int(os.environ.get("KFAST_BENCH_ROWS", "100000"))
+    res = benchmark.pedantic(
+        bench,
+        args=(kafka_broker.bootstrap, kafka_broker.create_topic, kafka_broker.produce, pg_dsn, n),
+        rounds=1,
+        iterations=1,
+    )
+    benchmark.extra_info.update(res)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
