@@ -91,6 +91,7 @@ ALL_TYPES: dict[str, Any] = {
                 },
             },
         },
+        {"name": "un", "type": ["null", "string", "long", {"type": "array", "items": "int"}]},
         {
             "name": "address",
             "type": [
@@ -115,7 +116,7 @@ CREATE TABLE {t} (
   fxdec numeric(30, 6), u uuid, dt date, tm time, tu time, ts timestamptz, tsu timestamptz,
   lts timestamp, ltsm timestamp, tags text[], nums bigint[], ints integer[], dbls float8[],
   flags boolean[], days date[], attrs jsonb, labels jsonb, counts jsonb, nested jsonb, lines jsonb,
-  address_city text, address_zip integer
+  un jsonb, address_city text, address_zip integer
 )
 """
 
