@@ -166,6 +166,7 @@ def _records(n: int) -> list[dict[str, Any]]:
                 "counts": {"n": 2**40 + i},
                 "nested": {"a": [1, 2], "b": []} if i % 2 else {},
                 "lines": [{"sku": "S1", "n": i}, {"sku": "S2", "n": -i}] if i % 2 else [],
+                "un": [None, f"u{i}", i * 10**12, [i, -i]][i % 4],
                 "address": None
                 if i % 5 == 4
                 else {"city": "Bakı", "zip": None if i % 3 == 0 else 1000 + i},
