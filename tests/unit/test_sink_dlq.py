@@ -126,3 +126,21 @@ def test_breaker_consecutive_spans_batches() -> None:
         b.record(3, [0, 2])  # run 5 at index 0
     b2 = CircuitBreaker(DeadLetterPolicy("d", max_consecutive=3))
     b2.record(10, [0, 1, 3, 4, 6, 7, 9])  # runs of 2 only
+
+
+def test_breaker_matches_a_per_message_reference() -> None:
+    """The sliced implementation equals a naive per-message window on random input."""
+    import collections
+    import random
+
+    rng = random.Random(5)
+    pol = DeadLetterPolicy("d", max_ratio=1.0, window=100, max_consecutive=None)
+    b = CircuitBreaker(pol)
+    ref: collections.deque[int] = collections.deque(maxlen=100)
+    for _ in range(300):
+        n = rng.choice([1, 7, 99, 100, 101, 250])
+        dead = sorted(rng.sample(range(n), rng.randrange(0, min(n, 30))))
+        b.record(n, dead)
+        ds = set(dead)
+        ref.extend(1 if i in ds else 0 for i in range(n))
+        assert b._dead_in_window == sum(ref)
