@@ -92,6 +92,10 @@ class MemoryPlan:
             "fetch.max.bytes": str(self.fetch_max_bytes),
             "max.partition.fetch.bytes": str(self.max_partition_fetch_bytes),
             "queued.min.messages": str(self.queued_min_messages),
+            # librdkafka >= 2.4 postpones a partition's next fetch by this much when
+            # its queue is over the limits above (default 1000 ms: far too long
+            # for a small budget)
+            "fetch.queue.backoff.ms": "20",
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -199,15 +203,19 @@ def plan_memory(
     if fetch is None:
         fetch = _clamp(prefetch_share // 4, MIN_FETCH_BYTES, 50 * MiB)
     if qkb is None:
-        qkb = max(1024, (prefetch_share - fetch) // 2 // KiB)
+        # the queue's payload bytes, plus librdkafka's per-message overhead for
+        # as many messages as fit at ASSUMED_MESSAGE_BYTES (bounded via
+        # queued.min.messages below): prefetch = fetch + qkb * (1 + overhead ratio)
+        ratio = 1 + RDKAFKA_MSG_OVERHEAD / ASSUMED_MESSAGE_BYTES
+        qkb = max(1024, int((prefetch_share - fetch) / ratio) // KiB)
     if mpf is None:
         mpf = _clamp(fetch // partitions, 64 * KiB, 1 * MiB)
     if qmin is None:
-        # librdkafka stops fetching a partition at queued.min.messages or at
-        # the kbytes limit; bound the count so its per-message overhead fits
-        # in the other half of the prefetch share.
-        overhead_room = max(prefetch_share - fetch - qkb * KiB, 1 * MiB)
-        qmin = _clamp(overhead_room // RDKAFKA_MSG_OVERHEAD // partitions, 100, 100_000)
+        # librdkafka keeps fetching a partition until it holds queued.min.messages
+        # (or the kbytes limit is hit): bound the count to what the kbytes allow
+        # at the assumed size. Too small a value starves the consumer (each
+        # fetch overshoots it and waits fetch.queue.backoff.ms).
+        qmin = _clamp(qkb * KiB // ASSUMED_MESSAGE_BYTES // partitions, 1000, 100_000)
     prefetch = fetch + qkb * KiB + qmin * partitions * RDKAFKA_MSG_OVERHEAD
 
     # --- ring ---

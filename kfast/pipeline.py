@@ -81,6 +81,7 @@ class _Stats:
     seeks: int = 0
     seek_errors: int = 0
     revokes: int = 0
+    revokes_at_close: int = 0
     assigns: int = 0
     lost: int = 0
     revoke_timeouts: int = 0
@@ -409,7 +410,10 @@ class Pipeline:
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Finish the revoked partitions' in-flight messages (bounded), commit, release."""
-        self._stats.revokes += 1
+        if self._closing:
+            self._stats.revokes_at_close += 1
+        else:
+            self._stats.revokes += 1
         if not self._closing and self._worker_error is None:
             target = self._ring.head
             deadline = time.monotonic() + self._revoke_timeout
@@ -702,6 +706,7 @@ class Pipeline:
             "rebalances": {
                 "assigned": s.assigns,
                 "revoked": s.revokes,
+                "revoked_at_close": s.revokes_at_close,
                 "lost": s.lost,
                 "revoke_timeouts": s.revoke_timeouts,
             },
@@ -722,11 +727,14 @@ class Pipeline:
         }
         dm = self._delivery_metrics
         if dm is not None:
-            out["delivery"] = {
-                k: getattr(dm, k)
-                for k in ("retries", "dlq_records", "sink_errors", "bisections")
-                if hasattr(dm, k)
-            }
+            if callable(getattr(dm, "snapshot", None)):
+                out["delivery"] = dm.snapshot()
+            else:
+                out["delivery"] = {
+                    k: getattr(dm, k)
+                    for k in ("retries", "dlq_records", "sink_errors", "bisections")
+                    if hasattr(dm, k)
+                }
             wl = getattr(dm, "write_latency", None)
             if wl is not None:
                 out["latency_s"]["sink_write"] = _percentiles(list(wl))

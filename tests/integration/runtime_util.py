@@ -27,17 +27,41 @@ def _zigzag(n: int) -> bytes:
     return bytes(out)
 
 
-def encode(i: int) -> bytes:
-    """Avro binary of {"id": i, "name": f"m{i}"} (matches SCHEMA)."""
-    name = f"m{i}".encode()
+def encode(i: int, pad: int = 0) -> bytes:
+    """Avro binary of {"id": i, "name": f"m{i}" + "x" * pad} (matches SCHEMA)."""
+    name = f"m{i}".encode() + b"x" * pad
     return _zigzag(i) + _zigzag(len(name)) + name
 
 
-def produce_ids(broker: Any, topic: str, start: int, n: int, partitions: int) -> None:
+def produce_ids(broker: Any, topic: str, start: int, n: int, partitions: int, pad: int = 0) -> None:
     """Produce ids [start, start+n) round-robin over ``partitions`` (id % partitions)."""
     for p in range(partitions):
         ids = range(start + ((p - start) % partitions), start + n, partitions)
-        broker.produce(topic, [encode(i) for i in ids], partition=p)
+        broker.produce(topic, [encode(i, pad) for i in ids], partition=p)
+
+
+def count_lines(path: str) -> int:
+    """Complete lines written so far (cheap: no parsing)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def read_lines(path: str) -> list[tuple[int, int, int]]:
+    """The (partition, offset, id) lines runtime_child.py's sink wrote."""
+    try:
+        with open(path) as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in data.splitlines():
+        parts = line.split()
+        if len(parts) == 3:  # a torn last line after kill -9 is not a record
+            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
 
 
 class Recorder:
