@@ -10,9 +10,15 @@ from kfast.errors import ConfigError
 from kfast.protobuf._compile import compile_plan
 from kfast.protobuf._convert import message_to_dict
 from kfast.protobuf._decoder import ProtobufDecoderBase
-from kfast.protobuf.confluent import parse_message_indexes
+from kfast.protobuf.confluent import ConfluentProtobufDecoder, message_path, parse_message_indexes
 
-__all__ = ["ProtobufDecoder", "message_to_dict", "parse_message_indexes"]
+__all__ = [
+    "ConfluentProtobufDecoder",
+    "ProtobufDecoder",
+    "message_path",
+    "message_to_dict",
+    "parse_message_indexes",
+]
 
 MAX_DEPTH_LIMIT = 100  # google's own parser refuses deeper messages
 

@@ -1,0 +1,84 @@
+"""Confluent Protobuf framing: message-index paths and ConfluentProtobufDecoder."""
+
+from __future__ import annotations
+
+import pytest
+from _protobuf_support import compiled, expected
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+import kfast
+from kfast.protobuf import (
+    ConfluentProtobufDecoder,
+    message_path,
+    parse_message_indexes,
+)
+
+pb3 = compiled("kfpb3")
+
+
+def frame(schema_id: int, path: bytes, body: bytes) -> bytes:
+    return b"\x00" + schema_id.to_bytes(4, "big") + path + body
+
+
+def test_parse_message_indexes() -> None:
+    assert parse_message_indexes(b"\x00") == ((0,), 1)
+    assert parse_message_indexes(b"\x02\x00") == ((0,), 2)  # explicit [0]
+    assert parse_message_indexes(b"\x04\x02\x04rest") == ((1, 2), 3)
+    assert parse_message_indexes(b"xx\x02\x06", 2) == ((3,), 4)
+    for bad in (b"", b"\x04\x02", b"\x01", b"\x02\x01", b"\x80"):
+        with pytest.raises(kfast.DecodeError):
+            parse_message_indexes(bad)
+
+
+def test_message_path() -> None:
+    assert message_path(pb3.Inner.DESCRIPTOR) == (0,)
+    assert message_path(pb3.Tree.DESCRIPTOR) == (3,)
+    assert message_path(trace_pb2.Span.Event.DESCRIPTOR) == (
+        message_path(trace_pb2.Span.DESCRIPTOR)[0],
+        0,
+    )
+
+
+def test_classes_and_framing_errors() -> None:
+    dec = ConfluentProtobufDecoder(classes={7: pb3.Tree, 8: pb3.Inner})
+    t = pb3.Tree(value=5, children=[pb3.Tree(value=6)])
+    payloads = [
+        frame(7, b"\x02\x06", t.SerializeToString()),
+        b"\x01\x00\x00\x00\x07\x00",  # wrong magic byte
+        frame(9, b"\x00", b""),  # unknown id
+        frame(7, b"\x00", b""),  # path [0] is not Tree
+        frame(8, b"\x00", pb3.Inner(a=1).SerializeToString()),  # another message type
+        frame(7, b"\x02\x06", b"\x08"),  # truncated body
+        frame(7, b"\x02\x06", b""),
+    ]
+    batch = dec.decode(payloads)
+    assert list(batch.source_indices) == [0, 6]
+    assert batch.to_pylist() == [expected(t), expected(pb3.Tree())]
+    reasons = {e.index: e.reason for e in batch.errors}
+    assert set(reasons) == {1, 2, 3, 4, 5}
+    assert "Confluent framing" in reasons[1]
+    assert "unknown schema id 9" in reasons[2]
+    assert "kfpb3.Tree" in reasons[3]
+    assert "carries kfpb3.Inner" in reasons[4]
+    assert "truncated" in reasons[5]
+
+
+def test_registry_schema_text_compiled_with_protoc() -> None:
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    client = SchemaRegistryClient.new_client({"url": "mock://kfast-protobuf"})
+    text = """
+        syntax = "proto3";
+        package shop;
+        import "google/protobuf/timestamp.proto";
+        message Envelope { message Order { int64 id = 1; string sku = 2;
+                                           google.protobuf.Timestamp at = 3; } }
+        message Other { bool x = 1; }
+    """
+    sid = client.register_schema("orders-value", Schema(text, "PROTOBUF"))
+    # the writer side: any class with the same wire format, here built by hand
+    body = b"\x08\x2a\x12\x03abc\x1a\x02\x08\x05"
+    dec = kfast.ConfluentDecoder(client)
+    batch = dec.decode([frame(sid, b"\x04\x00\x00", body), frame(sid, b"\x02\x02", b"")])
+    assert batch.to_pylist() == [{"id": 42, "sku": "abc", "at": {"seconds": 5, "nanos": 0}}]
+    assert batch.errors[0].index == 1 and "shop.Other" in batch.errors[0].reason
