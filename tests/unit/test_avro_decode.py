@@ -486,3 +486,13 @@ def test_namespaces_and_named_references_in_object_columns() -> None:
         {"inner": {"x": 1}, "lst": [], "e": "A", "u": "B", "plain": {"p": "B"}, "u2": "s"},
     ]  # fmt: skip
     roundtrip(schema, recs)
+
+
+def test_to_arrow_matches_to_pylist() -> None:
+    pa = pytest.importorskip("pyarrow")
+    batch = roundtrip(ORDER, [order(i) for i in range(6)])
+    table = batch.to_arrow()
+    assert isinstance(table, pa.RecordBatch) and table.num_rows == 6
+    assert table.column("id").to_pylist() == list(range(6))
+    assert table.column("address").to_pylist()[2] == {"city": "Baku", "zip": 1002}
+    assert table.column("status").to_pylist()[:3] == ["NEW", "PAID", "SHIPPED"]
