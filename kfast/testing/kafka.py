@@ -49,6 +49,7 @@ __all__ = [
     "jar_dir",
     "kafka_version",
     "pom_text",
+    "prepare_cds_archive",
 ]
 
 ENV_BOOTSTRAP = "KFAST_TEST_BOOTSTRAP"
@@ -195,6 +196,29 @@ def fetch_kafka(
     return target
 
 
+ENV_CDS = "KFAST_KAFKA_CDS"
+
+
+def cds_archive_path(jars: Path, java: str) -> Path:
+    """Where the JVM class-data-sharing archive for ``java`` + these jars lives.
+
+    A dynamic CDS archive (``-XX:ArchiveClassesAtExit``) of the broker's classes roughly halves
+    JVM start-up (class loading dominates it).  It is only valid for one JVM build and one
+    class path, so its name hashes the java binary (path, size, mtime) and the jar names.  The
+    JVM itself validates the archive and silently runs without it on any mismatch.
+    """
+    real = Path(java).resolve()
+    st = real.stat()
+    h = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for jar in sorted(p.name for p in jars.glob("*.jar")):
+        h.update(jar.encode())
+    return jars / "cds" / f"kafka-{h.hexdigest()[:16]}.jsa"
+
+
+def cds_enabled() -> bool:
+    return os.environ.get(ENV_CDS, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 # --------------------------------------------------------------------------------------------
 # Broker configuration
 # --------------------------------------------------------------------------------------------
@@ -305,6 +329,10 @@ class KafkaBroker:
 
     Use as a context manager, or call :meth:`start` and :meth:`close`.  :meth:`stop` and
     :meth:`start` (and :meth:`restart`) keep the ports and the log dir, so data survives.
+
+    ``bootstrap``: an external broker to use (default ``$KFAST_TEST_BOOTSTRAP``; ``""`` forces
+    an own broker).  ``jars``: a directory of broker jars (default: :func:`fetch_kafka`).
+    ``config``: extra ``server.properties`` entries.  ``heap``: the JVM's ``-Xmx``.
     """
 
     def __init__(
@@ -320,6 +348,8 @@ class KafkaBroker:
     ) -> None:
         if bootstrap is None:
             bootstrap = os.environ.get(ENV_BOOTSTRAP) or None
+        elif not bootstrap:
+            bootstrap = None  # "": always run an own broker, whatever the environment says
         self.external = bootstrap is not None
         self._bootstrap = bootstrap
         self._jars = jars
@@ -334,6 +364,7 @@ class KafkaBroker:
         self.cluster_id: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self._cds_target: Path | None = None
         self._producer: Any = None
         self._admin: Any = None
         self.timings: dict[str, float] = {}
@@ -435,13 +466,46 @@ class KafkaBroker:
         assert last_error is not None
         raise last_error
 
-    def _java(self, *jvm_options: str) -> list[str]:
+    def _java(self, *jvm_options: str, record_cds: bool = True) -> list[str]:
         """``java <options> -cp 'jars/*'`` (the main class and its arguments follow)."""
         java = self._java_path or shutil.which("java")
         if java is None:
             raise KafkaStartError("`java` (Java 17+) is not on PATH; the Kafka broker needs it")
         assert self._jars is not None
-        return [java, *jvm_options, "-cp", str(self._jars / "*")]
+        cds = self._cds_options(java, record_cds)
+        return [java, *cds, *jvm_options, "-cp", str(self._jars / "*")]
+
+    def _cds_options(self, java: str, record: bool) -> list[str]:
+        """Use the class-data-sharing archive if there is one; else record one at exit."""
+        if not cds_enabled() or self._jars is None or self.tmp_dir is None:
+            return []
+        archive = cds_archive_path(self._jars, java)
+        if archive.is_file():
+            return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto"]
+        if record and self._cds_target is None:
+            # Only the broker records (its run loads every class); stop() publishes it.
+            self._cds_target = archive
+            return [f"-XX:ArchiveClassesAtExit={self.tmp_dir / 'kafka.jsa'}"]
+        return []
+
+    def _publish_cds_archive(self) -> None:
+        """Move the archive the JVM wrote at exit into the jar cache (atomically)."""
+        target, self._cds_target = self._cds_target, None
+        if target is None or self.tmp_dir is None:
+            return
+        dumped = self.tmp_dir / "kafka.jsa"
+        try:
+            if dumped.stat().st_size == 0 or target.exists():
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = target.with_name(f".{target.name}.{os.getpid()}")
+            shutil.copyfile(dumped, staging)
+            os.replace(staging, target)
+        except OSError:
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                dumped.unlink()
 
     def _format(self) -> None:
         assert self.tmp_dir is not None
@@ -452,6 +516,7 @@ class KafkaBroker:
                 "-XX:TieredStopAtLevel=1",
                 "-XX:+UseSerialGC",
                 f"-Dlog4j2.configurationFile={self.tmp_dir / 'log4j2-tool.properties'}",
+                record_cds=False,
             ),
             "kafka.tools.StorageTool",
             "format",
@@ -556,6 +621,7 @@ class KafkaBroker:
         if self._proc is not None:
             _proc.stop_process(self._proc, signal.SIGTERM, timeout)
             self._proc = None
+        self._publish_cds_archive()
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -740,6 +806,37 @@ class KafkaBroker:
         return delivered
 
 
+def prepare_cds_archive(jars: Path | None = None) -> Path | None:
+    """Record the class-data-sharing archive now (a short broker run), if it is missing.
+
+    Returns the archive's path, or None when CDS is disabled or the JVM did not write one.
+    """
+    jars = jars if jars is not None else fetch_kafka()
+    java = shutil.which("java")
+    if not cds_enabled() or java is None:
+        return None
+    archive = cds_archive_path(jars, java)
+    if archive.is_file():
+        return archive
+    with KafkaBroker(bootstrap="", jars=jars) as broker:
+        from confluent_kafka import Consumer
+
+        # Exercise produce, fetch and group coordination so their classes get archived too.
+        broker.create_topic("kfast-cds-warmup", partitions=2)
+        broker.produce("kfast-cds-warmup", [b"x"] * 100)
+        consumer = Consumer(broker.consumer_config("kfast-cds-warmup"))
+        try:
+            consumer.subscribe(["kfast-cds-warmup"])
+            got, deadline = 0, time.monotonic() + 30
+            while got < 100 and time.monotonic() < deadline:
+                got += len(consumer.consume(100, 0.5))
+            with contextlib.suppress(Exception):
+                consumer.commit(asynchronous=False)
+        finally:
+            consumer.close()
+    return archive if archive.is_file() else None
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -751,7 +848,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         description="Fetch Apache Kafka's jars or run a throwaway broker.",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch", help="download the broker jars into the cache (no broker)")
+    fetch = sub.add_parser("fetch", help="download the broker jars into the cache")
+    fetch.add_argument(
+        "--no-cds",
+        action="store_true",
+        help="skip recording the JVM class-data-sharing archive (a short broker run)",
+    )
     run = sub.add_parser("run", help="run a broker in the foreground until Ctrl-C")
     run.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
     args = parser.parse_args(argv)
@@ -760,6 +862,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         path = fetch_kafka(quiet=False)
         print(f"Apache Kafka {KAFKA_VERSION} jars in {path} ({time.monotonic() - t0:.1f} s)")
+        if not args.no_cds:
+            t1 = time.monotonic()
+            archive = prepare_cds_archive(path)
+            if archive is not None:
+                print(f"JVM class-data-sharing archive {archive} ({time.monotonic() - t1:.1f} s)")
         return 0
 
     stop = False

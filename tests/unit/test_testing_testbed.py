@@ -384,3 +384,56 @@ def test_plugin_from_entry_point_and_conftest_registers_once(tmp_path: Path) -> 
     (dist / "entry_points.txt").write_text("[pytest11]\nkfast = kfast.testing.pytest_plugin\n")
     out = _run_pytest(tmp_path, [site], disable_autoload=False)
     assert "1 passed" in out
+
+
+# -- JVM class-data-sharing archive and temp-dir sweeping -----------------------------------------
+
+
+def test_cds_archive_path_depends_on_java_and_jars(tmp_path: Path) -> None:
+    jars = tmp_path / "jars"
+    jars.mkdir()
+    (jars / "a.jar").write_bytes(b"")
+    java1, java2 = tmp_path / "java1", tmp_path / "java2"
+    java1.write_text("1")
+    java2.write_text("22")
+    p1 = kafka.cds_archive_path(jars, str(java1))
+    assert p1.parent == jars / "cds" and p1.suffix == ".jsa"
+    assert p1 == kafka.cds_archive_path(jars, str(java1))
+    assert p1 != kafka.cds_archive_path(jars, str(java2))
+    (jars / "b.jar").write_bytes(b"")
+    assert p1 != kafka.cds_archive_path(jars, str(java1))
+
+
+def test_cds_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KFAST_KAFKA_CDS", raising=False)
+    assert kafka.cds_enabled()
+    for off in ("0", "false", "off", "no"):
+        monkeypatch.setenv("KFAST_KAFKA_CDS", off)
+        assert not kafka.cds_enabled()
+
+
+def test_empty_bootstrap_forces_own_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KFAST_TEST_BOOTSTRAP", "10.0.0.1:9092")
+    assert not kafka.KafkaBroker(bootstrap="").external
+
+
+def test_sweep_removes_only_dirs_of_dead_owners(tmp_path: Path) -> None:
+    import subprocess
+
+    mine = _proc.make_owned_tmp_dir("kfast-x-", tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "kfast-x-stale"
+    stale.mkdir()
+    (stale / _proc.OWNER_FILE).write_text(f"{dead.pid}\n")
+    fresh = tmp_path / "kfast-x-fresh"  # dead owner but too recent: maybe still being set up
+    fresh.mkdir()
+    (fresh / _proc.OWNER_FILE).write_text(f"{dead.pid}\n")
+    foreign = tmp_path / "kfast-x-foreign"  # no owner file: not ours to judge
+    foreign.mkdir()
+    old = os.stat(stale / _proc.OWNER_FILE).st_mtime - 3600
+    os.utime(stale / _proc.OWNER_FILE, (old, old))
+
+    assert _proc.sweep_stale_tmp_dirs("kfast-x-", tmp_path, min_age=60) == 1
+    assert not stale.exists()
+    assert mine.exists() and fresh.exists() and foreign.exists()
