@@ -64,8 +64,15 @@ class OffsetTracker:
                 if nxt > st.durable_next:
                     st.durable_next = nxt
 
-    def pending(self, indexes: list[int] | None = None) -> list[tuple[str, int, int]]:
-        """[(topic, partition, offset)] whose durable offset was not committed yet."""
+    def pending(
+        self, indexes: list[int] | None = None, *, force: bool = False
+    ) -> list[tuple[str, int, int]]:
+        """[(topic, partition, offset)] whose durable offset was not committed yet.
+
+        ``force`` returns every durable offset, also those already handed to an
+        asynchronous commit whose outcome is not known yet (a revoke must not
+        rely on an async commit that may still fail with ILLEGAL_GENERATION).
+        """
         with self._lock:
             items = (
                 self._parts.items()
@@ -75,7 +82,7 @@ class OffsetTracker:
             return [
                 (st.topic, st.partition, st.durable_next)
                 for _, st in items
-                if st.durable_next > st.committed
+                if st.durable_next > st.committed or (force and st.durable_next >= 0)
             ]
 
     def committed(self, offsets: list[tuple[str, int, int]]) -> None:

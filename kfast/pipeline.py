@@ -388,7 +388,7 @@ class Pipeline:
         failures = self._source.take_commit_failures()
         if failures:
             self._tracker.commit_failed(failures)
-        offsets = self._tracker.pending(indexes)
+        offsets = self._tracker.pending(indexes, force=not asynchronous)
         if not offsets:
             return
         try:
