@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -18,7 +19,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "OWNER_FILE",
@@ -27,6 +30,7 @@ __all__ = [
     "log_tail",
     "make_owned_tmp_dir",
     "register_cleanup",
+    "spawn",
     "stop_process",
     "sweep_stale_tmp_dirs",
     "unregister_cleanup",
@@ -210,3 +214,41 @@ def sweep_stale_tmp_dirs(prefix: str, base: Path | None = None, min_age: float =
         shutil.rmtree(d, ignore_errors=True)
         removed += not d.exists()
     return removed
+
+
+# -- spawning from a thread that lives as long as the process -----------------------------------
+#
+# Linux delivers the parent-death signal when the *thread* that forked the child exits, not the
+# process.  A server started (or restarted) from a short-lived thread, e.g. a threading.Timer
+# that brings the database back after an outage, would be killed as soon as that thread ends.
+# So every long-lived server is forked by one daemon thread that never exits: the signal then
+# fires only when the whole process dies.
+
+_spawn_queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawner_main() -> None:
+    while True:
+        fn, fut = _spawn_queue.get()
+        if not fut.set_running_or_notify_cancel():
+            continue
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+
+def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, **popen_kwargs)``, forked by the process-lifetime spawner thread."""
+    global _spawner
+    if threading.current_thread() is _spawner:
+        return subprocess.Popen(list(argv), **popen_kwargs)
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawner_main, name="kfast-spawner", daemon=True)
+            _spawner.start()
+    fut: Future[subprocess.Popen[bytes]] = Future()
+    _spawn_queue.put((lambda: subprocess.Popen(list(argv), **popen_kwargs), fut))
+    return fut.result()

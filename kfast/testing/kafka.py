@@ -555,7 +555,7 @@ class KafkaBroker:
         self._log_file = open(self.tmp_dir / "broker.log", "ab")
         self._log_file.write(f"\n===== kfast: starting {' '.join(argv)}\n".encode())
         self._log_file.flush()
-        self._proc = subprocess.Popen(
+        self._proc = _proc.spawn(
             _proc.with_parent_death_signal(argv, "TERM"),
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,

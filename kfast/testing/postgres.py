@@ -306,7 +306,7 @@ class PostgresServer:
             self._log_file.close()
         self._log_file = open(self.tmp_dir / "postgres.log", "ab")
         argv = self._cmd("postgres", "-D", str(self.data_dir), pdeathsig="INT")
-        self._proc = subprocess.Popen(
+        self._proc = _proc.spawn(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,

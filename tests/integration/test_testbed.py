@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -235,3 +236,18 @@ def test_postgres_stop_start_keeps_data(pg_server: PostgresServer) -> None:
             500500,
         )
         conn.execute("DROP TABLE testbed_durable")
+
+
+def test_postgres_started_from_a_short_lived_thread_keeps_running(
+    pg_server: PostgresServer,
+) -> None:
+    if pg_server.external:
+        pytest.fail("this test stops the server: unset KFAST_TEST_PG_DSN")
+    pg_server.stop()
+    restarter = threading.Timer(0.2, pg_server.start)  # an outage ended by a timer thread
+    restarter.start()
+    restarter.join()
+    time.sleep(0.5)
+    assert pg_server.running
+    with psycopg.connect(pg_server.dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -437,3 +437,26 @@ def test_sweep_removes_only_dirs_of_dead_owners(tmp_path: Path) -> None:
     assert _proc.sweep_stale_tmp_dirs("kfast-x-", tmp_path, min_age=60) == 1
     assert not stale.exists()
     assert mine.exists() and fresh.exists() and foreign.exists()
+
+
+def test_spawned_child_outlives_the_thread_that_asked_for_it() -> None:
+    import shutil
+    import threading
+    import time
+
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed for the parent-death signal")
+    procs = []
+
+    def start() -> None:
+        argv = _proc.with_parent_death_signal(["sleep", "30"], "KILL")
+        procs.append(_proc.spawn(argv))
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    time.sleep(0.3)  # a parent-death signal tied to the finished thread would have fired
+    try:
+        assert procs[0].poll() is None, "child died with the thread that requested it"
+    finally:
+        _proc.stop_process(procs[0], timeout=5)
