@@ -155,8 +155,8 @@ def plan_memory(
     limit = (
         DEFAULT_MEMORY_LIMIT if memory_limit is None else parse_size(memory_limit, "memory_limit")
     )
-    if limit < 16 * MiB:
-        raise ConfigError(f"memory_limit: {limit} bytes is out of range [16MiB, 1TiB]")
+    if limit < 32 * MiB:
+        raise ConfigError(f"memory_limit: {limit} bytes is out of range [32MiB, 1TiB]")
     if partitions < 1:
         raise ConfigError(f"partitions: {partitions} must be >= 1")
     explicit: list[str] = []
@@ -215,7 +215,7 @@ def plan_memory(
         # (or the kbytes limit is hit): bound the count to what the kbytes allow
         # at the assumed size. Too small a value starves the consumer (each
         # fetch overshoots it and waits fetch.queue.backoff.ms).
-        qmin = _clamp(qkb * KiB // ASSUMED_MESSAGE_BYTES // partitions, 1000, 100_000)
+        qmin = _clamp(qkb * KiB // ASSUMED_MESSAGE_BYTES // partitions, 100, 100_000)
     prefetch = fetch + qkb * KiB + qmin * partitions * RDKAFKA_MSG_OVERHEAD
 
     # --- ring ---
