@@ -44,12 +44,19 @@ import importlib
 import json
 import logging
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kfast.errors import ConfigError, KfastError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10: the tomli backport has the same API
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
 
 __all__ = ["main", "load_pipeline", "build_pipeline"]
 
@@ -230,6 +237,8 @@ def build_pipeline(doc: dict[str, Any], base: Path) -> Any:
 def load_pipeline(path: str | Path) -> Any:
     """Parse ``path`` and build the pipeline; ConfigError messages start with the file name."""
     p = Path(path)
+    if tomllib is None:  # pragma: no cover
+        raise ConfigError(f"{p}: reading TOML on Python 3.10 needs 'pip install tomli'")
     try:
         with open(p, "rb") as f:
             doc = tomllib.load(f)
