@@ -99,7 +99,7 @@ cdef enum:
     BRANCH_NULL = -1
     BRANCH_UNRESOLVED = -2
     MAX_DEPTH = 512
-    MAX_ZERO_SIZE_ITEMS = 1 << 24   # items per array/map whose encoding may be empty
+    MAX_ZERO_SIZE_ITEMS = 1 << 24   # items per payload whose encoding may be empty
 
 # Decode status codes (0 = ok); the cursor's codes are -1..-3.
 cdef enum:
@@ -168,6 +168,7 @@ cdef struct Ctx:
     const unsigned char* blob
     Column* cols
     int32_t obj_tag      # >= 0: prefix OBJECT spans with this int32 (Confluent program slot)
+    int64_t zero_items   # budget of items whose encoding may be empty, per payload
     # where the last failure happened
     int32_t err_op
     int64_t err_val
@@ -266,7 +267,6 @@ cdef inline int _store_int(Column* col, int tgt, int64_t v) noexcept nogil:
 cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noexcept nogil:
     """Arrays and maps: blocks of items until a zero count."""
     cdef int64_t count, size, j
-    cdef int64_t total = 0
     cdef int rc
     cdef const unsigned char* at
     cdef const unsigned char* p
@@ -300,9 +300,11 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
                 return _fail(x, CUR_TRUNCATED, oi, c.buf, count,
                              count * minsize if count < (<int64_t>1 << 40) else (<int64_t>1 << 62))
         else:
-            total += count
-            if total > MAX_ZERO_SIZE_ITEMS:
+            # items that may take no bytes (e.g. array<null>): a per-payload budget
+            # bounds the work a tiny payload can cause
+            if count > x.zero_items:
                 return _fail(x, E_COUNT, oi, at, count, 0)
+            x.zero_items -= count
         for j in range(count):
             if is_map:
                 at = c.buf
@@ -625,6 +627,7 @@ cdef inline int _decode_one(Ctx* x, int32_t root, const unsigned char* buf,
     cdef Cursor c
     cdef int rc
     cur_init(&c, buf, n)
+    x.zero_items = MAX_ZERO_SIZE_ITEMS
     rc = _run(x, root, &c, 0)
     if rc < 0:
         return rc

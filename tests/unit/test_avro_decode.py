@@ -496,3 +496,11 @@ def test_to_arrow_matches_to_pylist() -> None:
     assert table.column("id").to_pylist() == list(range(6))
     assert table.column("address").to_pylist()[2] == {"city": "Baku", "zip": 1002}
     assert table.column("status").to_pylist()[:3] == ["NEW", "PAID", "SHIPPED"]
+
+
+def test_nested_zero_size_items_share_one_budget() -> None:
+    schema = {"type": "array", "items": {"type": "array", "items": "null"}}
+    # 3 outer items of 2^23 empty items each: over the per-payload budget of 2^24
+    payload = zigzag(3) + (zigzag(2**23) + zigzag(0)) * 3 + zigzag(0)
+    batch = AvroDecoder(schema).decode([payload])
+    assert batch.num_rows == 0 and "block count" in batch.errors[0].reason
