@@ -156,3 +156,89 @@ def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
     assert metrics["rebalances"]["revoked"] == 0, "member was evicted during the stall"
     assert metrics["rebalances"]["lost"] == 0
     assert peak <= baseline + limit, f"peak RSS {peak} > baseline {baseline} + limit {limit}"
+
+
+def test_second_signal_exits_at_once_without_committing(
+    kafka_broker, unique_topic, unique_group, tmp_path
+):
+    kafka_broker.create_topic(unique_topic, partitions=2)
+    produce_ids(kafka_broker, unique_topic, 0, 2000, 2)
+    out = str(tmp_path / "rows.txt")
+    stall = tmp_path / "stall"
+    stall.touch()
+    proc = _spawn(
+        kafka_broker.bootstrap, unique_group, unique_topic, out, "--stall-file", str(stall)
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # baseline: the pipeline is about to run
+    time.sleep(4)  # joined the group, the sink is stalled on the first batch
+    proc.send_signal(signal.SIGTERM)  # drain: blocked by the stalled sink
+    time.sleep(0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)  # second signal: leave at once
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "second signal" in err
+    assert count_lines(out) == 0
+    # nothing was committed: the next run reads everything
+    stall.unlink()
+    proc = _spawn(kafka_broker.bootstrap, unique_group, unique_topic, out)
+    wait_until(lambda: count_lines(out) >= 2000, 60, "all rows")
+    _finish(proc)
+    assert sorted(r[2] for r in read_lines(out)) == list(range(2000))
+
+
+def test_cli_run_drains_and_commits_on_sigterm(kafka_broker, unique_topic, unique_group, tmp_path):
+    from confluent_kafka import Consumer, TopicPartition
+    from runtime_util import SCHEMA
+
+    kafka_broker.create_topic(unique_topic, partitions=3)
+    produce_ids(kafka_broker, unique_topic, 0, 3000, 3)
+    (tmp_path / "event.avsc").write_text(json.dumps(SCHEMA))
+    (tmp_path / "pipeline.toml").write_text(
+        f"""
+topics = ["{unique_topic}"]
+memory_limit = "64MiB"
+
+[kafka]
+"bootstrap.servers" = "{kafka_broker.bootstrap}"
+"group.id" = "{unique_group}"
+"auto.offset.reset" = "earliest"
+
+[decoder]
+type = "avro"
+schema = "event.avsc"
+
+[sink]
+type = "null"
+"""
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, kfast.cli; sys.exit(kfast.cli.main())",
+            "run",
+            str(tmp_path / "pipeline.toml"),
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    probe = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": unique_group})
+    tps = [TopicPartition(unique_topic, p) for p in range(3)]
+
+    def committed() -> int:
+        return sum(max(tp.offset, 0) for tp in probe.committed(tps, timeout=5))
+
+    try:
+        wait_until(lambda: committed() >= 3000 or proc.poll() is not None, 90, "commits")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        probe.close()
+    assert proc.returncode == 0, err[-2000:]
