@@ -1,0 +1,395 @@
+"""Runtime benchmark: kfast.Pipeline vs a raw confluent_kafka consume() loop, and RSS vs backlog.
+
+Throughput (same topic, same broker, one run, peers alternate per round):
+
+* ``raw``: ``Consumer.consume(1000, 0.1)`` in a loop, counting messages
+  (librdkafka's default prefetch, no decoding, no commits) - the ceiling;
+* ``raw_tuned``: the same loop with the librdkafka prefetch settings kfast's
+  memory plan chooses at 256MiB (so the comparison isolates kfast's own work);
+* ``kfast``: ``kfast.Pipeline`` with ``AvroDecoder`` into ``NullSink``
+  (copy into the ring, decode every message into columns, commit offsets),
+  ``memory_limit=256MiB``.
+
+Each peer runs in a fresh process with a fresh consumer group; the rate is
+messages / (time of the last message - time of the first), so group join is
+not counted for either. The ratio kfast/raw is the number that matters (goal
+>= 0.85).
+
+Memory: for each backlog size, a fresh process runs the pipeline
+(``memory_limit=128MiB``) over a topic holding that backlog and reports its
+peak RSS (``ru_maxrss``) and its RSS before ``run()``; the goal is a flat
+line: peak RSS does not depend on the backlog.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_runtime.py \
+        --messages 2000000 --backlogs 1000000,5000000,10000000
+    PYTHONPATH=. .venv/bin/python -m pytest benchmarks/bench_runtime.py --benchmark-only -s
+
+The module run writes benchmarks/results/runtime.json and docs/img/runtime_bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = {
+    "type": "record",
+    "name": "Order",
+    "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "customer", "type": "int"},
+        {"name": "price", "type": "double"},
+        {"name": "sku", "type": "string"},
+    ],
+}
+PARTITIONS = 8
+
+
+# ---------------------------------------------------------------------- data
+def _varint(z: int) -> bytes:
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def payload(i: int) -> bytes:
+    """Avro binary of one Order (~25 bytes)."""
+    import struct
+
+    sku = b"SKU-%05d" % (i % 50_000)
+    return (
+        _varint(i << 1)
+        + _varint((i % 10_000) << 1)
+        + struct.pack("<d", (i % 1000) * 0.25)
+        + _varint(len(sku) << 1)
+        + sku
+    )
+
+
+def fill_topic(bootstrap: str, topic: str, n: int) -> float:
+    """Create ``topic`` and produce ``n`` messages round-robin; returns seconds."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(30)
+    time.sleep(1.0)
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.size": 1 << 20,
+            "queue.buffering.max.messages": 1_000_000,
+            "compression.type": "none",
+        }
+    )
+    t0 = time.monotonic()
+    produce = p.produce
+    for i in range(n):
+        while True:
+            try:
+                produce(topic, payload(i), partition=i % PARTITIONS)
+                break
+            except BufferError:
+                p.poll(0.01)
+        if i & 0xFFFF == 0:
+            p.poll(0)
+    p.flush(120)
+    return time.monotonic() - t0
+
+
+# ------------------------------------------------------------ child processes
+def _child_raw(bootstrap: str, topic: str, n: int, tuned: bool) -> dict[str, Any]:
+    from confluent_kafka import Consumer
+
+    conf = {
+        "bootstrap.servers": bootstrap,
+        "group.id": "raw-" + uuid.uuid4().hex,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+    }
+    if tuned:  # the librdkafka settings kfast runs with at memory_limit=256MiB
+        conf.update(_kfast_kafka_settings())
+    c = Consumer(conf)
+    c.subscribe([topic])
+    got = 0
+    t_first = 0.0
+    while got < n:
+        msgs = c.consume(1000, 0.1)
+        if msgs:
+            if not t_first:
+                t_first = time.perf_counter()
+            got += len(msgs)
+    t_end = time.perf_counter()
+    c.close()
+    return {"messages": got, "seconds": t_end - t_first, "rate": got / (t_end - t_first)}
+
+
+def _kfast_kafka_settings() -> dict[str, str]:
+    import kfast
+    from kfast.memory import plan_memory
+
+    return plan_memory("256MiB", {}, kfast.BatchPolicy(), kfast.BufferPolicy()).kafka_settings()
+
+
+def _child_kfast(bootstrap: str, topic: str, n: int, memory_limit: str) -> dict[str, Any]:
+    import kfast
+    from kfast.pipeline import _rss_bytes
+
+    sink = kfast.NullSink()
+    pipe = kfast.Pipeline(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "kfast-" + uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+        },
+        [topic],
+        kfast.AvroDecoder(SCHEMA),
+        sink,
+        memory_limit=memory_limit,
+        install_signal_handlers=False,
+    )
+    baseline = _rss_bytes()
+    box: dict[str, float] = {}
+    peak_rss = [0]
+
+    def watch() -> None:
+        while True:
+            consumed = pipe._ring.pushed if pipe._ring is not None else 0
+            if consumed and "first" not in box:
+                box["first"] = time.perf_counter()
+            if sink.rows >= n:
+                box["end"] = time.perf_counter()
+                pipe.stop()
+                return
+            peak_rss[0] = max(peak_rss[0], _rss_bytes())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    pipe.run()
+    t.join()
+    m = pipe.metrics()
+    secs = box["end"] - box["first"]
+    return {
+        "messages": sink.rows,
+        "seconds": secs,
+        "rate": sink.rows / secs,
+        "baseline_rss": baseline,
+        "peak_rss_sampled": peak_rss[0],
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "pauses": m["pauses"],
+        "batches": m["batches"],
+        "batch_rows_p50": m["batch_size"]["p50"],
+        "latency_s": m["latency_s"],
+        "memory_limit": pipe.memory_plan().limit,
+    }
+
+
+def _spawn(kind: str, bootstrap: str, topic: str, n: int, memory_limit: str = "256MiB") -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, bootstrap, topic, str(n), memory_limit],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ the runs
+def throughput(bootstrap: str, n: int, rounds: int) -> dict[str, Any]:
+    topic = "bench-rt-" + uuid.uuid4().hex[:8]
+    produce_s = fill_topic(bootstrap, topic, n)
+    runs: dict[str, list[dict]] = {"raw": [], "raw_tuned": [], "kfast": []}
+    for r in range(rounds):
+        order = ["raw", "raw_tuned", "kfast"]
+        order = order[r % 3 :] + order[: r % 3]  # rotate: no peer always runs first
+        for kind in order:
+            runs[kind].append(_spawn(kind, bootstrap, topic, n))
+    med = {k: sorted(x["rate"] for x in v)[len(v) // 2] for k, v in runs.items()}
+    best_raw = max(med["raw"], med["raw_tuned"])
+    return {
+        "messages": n,
+        "partitions": PARTITIONS,
+        "payload_bytes": len(payload(n // 2)),
+        "produce_s": produce_s,
+        "rounds": runs,
+        "median_rate": med,
+        # against the faster of the two raw loops
+        "ratio": med["kfast"] / best_raw,
+    }
+
+
+def memory(bootstrap: str, backlogs: list[int], memory_limit: str) -> list[dict[str, Any]]:
+    out = []
+    for n in backlogs:
+        topic = "bench-mem-" + uuid.uuid4().hex[:8]
+        fill_topic(bootstrap, topic, n)
+        res = _spawn("kfast", bootstrap, topic, n, memory_limit)
+        res["backlog"] = n
+        out.append(res)
+        print(
+            f"backlog {n:>10,}: peak RSS {res['ru_maxrss'] / 2**20:7.1f} MiB "
+            f"(baseline {res['baseline_rss'] / 2**20:.1f} MiB, limit {memory_limit}), "
+            f"{res['rate']:,.0f} msg/s",
+            flush=True,
+        )
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import confluent_kafka
+
+    from kfast.testing.kafka import KAFKA_VERSION
+
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "confluent_kafka": confluent_kafka.version()[0],
+        "librdkafka": confluent_kafka.libversion()[0],
+        "kafka": KAFKA_VERSION,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    tp = report["throughput"]
+    names = [
+        "raw consume()\n(defaults)",
+        "raw consume()\n(kfast's prefetch)",
+        "kfast Pipeline\n(Avro -> NullSink)",
+    ]
+    rates = [tp["median_rate"][k] / 1e3 for k in ("raw", "raw_tuned", "kfast")]
+    a.bar(names, rates, color=["#999999", "#bbbbbb", "#2b7bba"])
+    for i, v in enumerate(rates):
+        a.text(i, v, f"{v:,.0f}k", ha="center", va="bottom")
+    a.set_ylabel("messages / s (thousands)")
+    a.set_title(
+        f"{tp['messages']:,} msgs, {PARTITIONS} partitions: kfast = {tp['ratio']:.0%} of best raw",
+        fontsize=9,
+    )
+    mem = report["memory"]
+    if mem:
+        xs = [m["backlog"] / 1e6 for m in mem]
+        b.plot(xs, [m["ru_maxrss"] / 2**20 for m in mem], "o-", label="peak RSS")
+        b.plot(xs, [m["baseline_rss"] / 2**20 for m in mem], "s--", label="RSS before run()")
+        lim = mem[0]["memory_limit"] / 2**20
+        b.plot(
+            xs,
+            [m["baseline_rss"] / 2**20 + lim for m in mem],
+            ":",
+            color="red",
+            label="baseline + memory_limit",
+        )
+        b.set_xlabel("backlog (million messages)")
+        b.set_ylabel("MiB")
+        b.set_ylim(bottom=0)
+        b.set_title(f"peak RSS vs backlog (memory_limit={lim:.0f} MiB)")
+        b.legend()
+    env = report["environment"]
+    fig.suptitle(
+        f"{env['cpu']} ({env['cpus']} CPUs), Python {env['python']}, "
+        f"librdkafka {env['librdkafka']}, Kafka {env['kafka']}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--bootstrap", help="use this broker instead of starting one")
+    ap.add_argument("--messages", type=int, default=2_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backlogs", default="1000000,5000000,10000000")
+    ap.add_argument("--memory-limit", default="128MiB")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/runtime.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs/img/runtime_bench.png"))
+    a = ap.parse_args(argv)
+    if a.child:
+        kind, bootstrap, topic, n, limit = a.child
+        if kind in ("raw", "raw_tuned"):
+            res = _child_raw(bootstrap, topic, int(n), tuned=kind == "raw_tuned")
+        else:
+            res = _child_kfast(bootstrap, topic, int(n), limit)
+        print(json.dumps(res))
+        return 0
+    from kfast.testing import KafkaBroker
+
+    broker = KafkaBroker(bootstrap=a.bootstrap, heap="1g")
+    with broker:
+        report: dict[str, Any] = {"environment": environment()}
+        report["throughput"] = throughput(broker.bootstrap, a.messages, a.rounds)
+        tp = report["throughput"]
+        rates = ", ".join(f"{k} {v:,.0f} msg/s" for k, v in tp["median_rate"].items())
+        print(f"{rates}; kfast / best raw = {tp['ratio']:.3f}", flush=True)
+        backlogs = [int(x) for x in a.backlogs.split(",") if x]
+        report["memory"] = memory(broker.bootstrap, backlogs, a.memory_limit)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    plot(report, Path(a.plot))
+    print(json.dumps({"ratio": report["throughput"]["ratio"], "out": a.out, "plot": a.plot}))
+    return 0
+
+
+# ---------------------------------------------------------- pytest-benchmark
+def test_runtime_vs_raw(benchmark: Any, kafka_broker: Any) -> None:
+    """Small version for the benchmark suite: 300k messages, one round each."""
+    n = int(os.environ.get("KFAST_BENCH_RUNTIME_MESSAGES", "300000"))
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        result.update(throughput(kafka_broker.bootstrap, n, 1))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        {
+            "raw_rate": result["median_rate"]["raw"],
+            "raw_tuned_rate": result["median_rate"]["raw_tuned"],
+            "kfast_rate": result["median_rate"]["kfast"],
+            "ratio": result["ratio"],
+        }
+    )
+    print(f"\nkfast/raw = {result['ratio']:.3f} ({result['median_rate']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
