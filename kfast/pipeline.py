@@ -524,7 +524,13 @@ class Pipeline:
                 first_seen = 0.0
                 start = self._read
                 t0 = time.perf_counter()
-                view = ring.decode(decoder, start, count, batch)
+                try:
+                    view = ring.decode(decoder, start, count, batch)
+                except BufferError:
+                    # the sink kept a view of the previous batch's buffers:
+                    # leave that batch to it and decode into a fresh one
+                    batch = Batch()
+                    view = ring.decode(decoder, start, count, batch)
                 t1 = time.perf_counter()
                 if batch.num_rows or batch.errors:
                     batch.context = BatchContext(
