@@ -56,6 +56,7 @@ from kfast._columns cimport (
     col_append_struct,
     col_end_offset,
     col_mark,
+    kind_has_offsets,
 )
 from kfast._cursor cimport (
     CUR_BAD_LENGTH,
@@ -686,7 +687,8 @@ cdef class Program:
         self.layout = prog.layout
         self.converters = prog.converters
         self.names = prog.names
-        # Columns with exactly one slot per row: reserve them up front.
+        # Columns with exactly one slot per row: reserve them up front (values of
+        # fixed-width columns, offsets of binary/list ones, validity bitmaps).
         top = _top_fixed_columns(prog.layout, prog.spec)
         self.nreserve = len(top)
         self.reserve_cols = <Py_ssize_t*>malloc(max(self.nreserve, 1) * sizeof(Py_ssize_t))
@@ -732,14 +734,15 @@ cdef class Program:
 
 
 def _top_fixed_columns(layout, spec):
-    from kfast._layout import RecordNode, ValueNode
+    from kfast._layout import ListNode, MapNode, ObjectNode, RecordNode, ValueNode
     out = []
 
     def walk(node):
-        if isinstance(node, ValueNode) and node.col >= 0:
-            if spec[node.col][1] in (COL_BOOL, COL_INT32, COL_INT64, COL_FLOAT32, COL_FLOAT64):
-                out.append(node.col)
+        if isinstance(node, (ValueNode, ListNode, MapNode, ObjectNode)) and node.col >= 0:
+            out.append(node.col)
         elif isinstance(node, RecordNode):
+            if node.valid_col >= 0:
+                out.append(node.valid_col)
             for _, child in node.fields:
                 walk(child)
 
@@ -752,7 +755,9 @@ cdef int _reserve(Batch out, Program prog, Py_ssize_t n) except -1:
     cdef Column* c
     for i in range(prog.nreserve):
         c = &out.cols[prog.reserve_cols[i]]
-        if buf_reserve(&c.values, n * c.width) < 0:
+        if c.width and buf_reserve(&c.values, n * c.width) < 0:
+            raise MemoryError()
+        if kind_has_offsets(c.kind) and buf_reserve(&c.offsets, n * 4) < 0:
             raise MemoryError()
         if c.nullable and buf_reserve(&c.validity, (n + 7) >> 3) < 0:
             raise MemoryError()
