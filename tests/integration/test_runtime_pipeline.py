@@ -86,3 +86,55 @@ def test_decode_error_without_dlq_stops_and_does_not_commit(
     assert pipe.metrics()["commits"]["partitions"] == {} or all(
         v["committed"] <= 0 for v in pipe.metrics()["commits"]["partitions"].values()
     )
+
+
+def test_decode_errors_go_to_the_dlq_with_original_bytes(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    from confluent_kafka import Consumer
+    from runtime_util import encode
+
+    dlq_topic = unique_topic + ".dlq"
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    kafka_broker.create_topic(dlq_topic, partitions=1)
+    values = [encode(0), b"\xff\xff", encode(2), b"", encode(4)]
+    kafka_broker.produce(
+        unique_topic,
+        values,
+        keys=[b"k%d" % i for i in range(5)],
+        partition=0,
+        headers=[[("trace", b"t%d" % i)] for i in range(5)],
+    )
+    rec = Recorder()
+    pipe = pipeline(
+        kafka_consumer_config(unique_group),
+        unique_topic,
+        rec,
+        dlq=kfast.DeadLetterPolicy(topic=dlq_topic, max_ratio=1.0),
+    )
+    runner = Runner(pipe)
+    wait_until(lambda: rec.count() >= 3, 60, "good rows")
+    wait_until(
+        lambda: pipe.metrics().get("delivery", {}).get("dlq_records", 0) >= 2, 60, "dead letters"
+    )
+    runner.stop()
+    assert sorted(rec.ids()) == [0, 2, 4]
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka_broker.bootstrap,
+            "group.id": unique_group + "-check",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    c.subscribe([dlq_topic])
+    dead = []
+    for _ in range(100):
+        dead += [m for m in c.consume(10, 0.5) if m.error() is None]
+        if len(dead) >= 2:
+            break
+    c.close()
+    assert sorted((m.key(), m.value()) for m in dead) == [(b"k1", b"\xff\xff"), (b"k3", b"")]
+    h = dict(dead[0].headers())
+    assert h["kfast.error.stage"] == b"decode"
+    assert h["kfast.original.topic"] == unique_topic.encode()
+    assert h["trace"] in (b"t1", b"t3")  # original headers travel with the record
