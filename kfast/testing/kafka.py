@@ -264,6 +264,12 @@ def server_properties(
         "group.initial.rebalance.delay.ms": "0",
         # Let tests use short session timeouts (e.g. to evict a crashed member quickly).
         "group.min.session.timeout.ms": "1000",
+        # KIP-848 groups (group.protocol=consumer): 1 s heartbeats instead of 5 s, so two
+        # members settle in about 2 s instead of 10 s; crashed members leave after 10 s.
+        "group.consumer.min.heartbeat.interval.ms": "500",
+        "group.consumer.heartbeat.interval.ms": "1000",
+        "group.consumer.min.session.timeout.ms": "3000",
+        "group.consumer.session.timeout.ms": "10000",
         "num.network.threads": "2",
         "num.io.threads": "4",
         "num.recovery.threads.per.data.dir": "1",

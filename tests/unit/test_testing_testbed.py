@@ -142,6 +142,7 @@ def test_server_properties_single_node_fast_groups(tmp_path: Path) -> None:
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:1111,CONTROLLER://127.0.0.1:2222"
     assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:1111"
     assert props["group.initial.rebalance.delay.ms"] == "0"
+    assert int(props["group.consumer.heartbeat.interval.ms"]) <= 1000
     assert props["auto.create.topics.enable"] == "false"
     assert props["log.dirs"] == str(tmp_path)
     for key, value in props.items():
