@@ -16,7 +16,8 @@ name, kind, start/end timestamps, 4 attributes of mixed value types, status),
     PYTHONPATH=. .venv/bin/python benchmarks/bench_protobuf.py      # same, prints a JSON report
 
 Each test stores messages/s in ``extra_info``; ``test_zz_ratios`` prints
-kfast's ratio to every peer (medians of the rounds).
+kfast's ratio to every peer, from the median rounds and from the fastest
+rounds (the latter is the fairer number on a shared, loaded machine).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from kfast.protobuf import ProtobufDecoder
 
 N = 100_000
-RESULTS: dict[str, float] = {}  # name -> messages/s (median)
+RESULTS: dict[str, float] = {}  # name -> messages/s (median round)
+BEST: dict[str, float] = {}  # name -> messages/s (fastest round: least disturbed by other load)
 
 
 def make_payloads(n: int = N, seed: int = 11) -> list[bytes]:
@@ -79,7 +81,9 @@ def payloads() -> list[bytes]:
 def _record(benchmark: Any, name: str) -> None:
     median = benchmark.stats.stats.median
     RESULTS[name] = N / median
+    BEST[name] = N / benchmark.stats.stats.min
     benchmark.extra_info["messages_per_s"] = round(N / median)
+    benchmark.extra_info["messages_per_s_best"] = round(BEST[name])
     benchmark.extra_info["payloads"] = N
 
 
@@ -142,7 +146,7 @@ def test_upb_message_to_dict(benchmark: Any, payloads: list[bytes]) -> None:
     def run() -> list[Any]:
         return [to_dict(parse(p)) for p in payloads]
 
-    rows = benchmark.pedantic(run, rounds=1, iterations=1)
+    rows = benchmark.pedantic(run, rounds=2, iterations=1)
     assert len(rows) == N
     _record(benchmark, "upb_message_to_dict")
 
@@ -157,12 +161,14 @@ def report() -> dict[str, Any]:
         "processor": platform.processor() or platform.platform(),
         "protobuf": f"{google.protobuf.__version__} ({api_implementation.Type()})",
         "messages_per_s": {k: round(v) for k, v in RESULTS.items()},
+        "messages_per_s_best_round": {k: round(v) for k, v in BEST.items()},
     }
     for peer in ("upb_parse_read", "upb_message_to_dict"):
-        if RESULTS.get(peer):
-            out[f"ratio_vs_{peer}"] = {
-                k: round(v / RESULTS[peer], 1) for k, v in RESULTS.items() if k.startswith("kfast")
-            }
+        for label, table in (("median", RESULTS), ("best_round", BEST)):
+            if table.get(peer):
+                out[f"ratio_vs_{peer}_{label}"] = {
+                    k: round(v / table[peer], 1) for k, v in table.items() if k.startswith("kfast")
+                }
     return out
 
 

@@ -1003,6 +1003,22 @@ cdef inline int null_slot(Ctx* c, const POp* op) noexcept nogil:
     return pb_null(col)
 
 
+cdef void row_start_lengths(Column* cols, const int32_t* par, Py_ssize_t ncols,
+                            Py_ssize_t num_rows, Py_ssize_t* saved) noexcept nogil:
+    """The checkpoint ``Batch.begin_row_checkpoint`` would have taken before the
+    failed row, rebuilt from the structure instead of saved for every row: a
+    column outside any list holds one slot per good row; a list child starts
+    where its LIST column's offsets say the previous rows ended (parents come
+    before their children in the spec)."""
+    cdef Py_ssize_t k
+    for k in range(ncols):
+        if par[k] < 0:
+            saved[k] = num_rows
+        else:
+            saved[k] = (<int32_t*>cols[par[k]].offsets.data)[saved[par[k]]]
+    saved[ncols] = num_rows
+
+
 cdef void drop_open_objects(Column* cols, Py_ssize_t ncols) noexcept nogil:
     """Forget raw bytes appended to OBJECT slots that were never closed (the
     row failed before its frame closed; ``col_truncate`` leaves them alone)."""
@@ -1071,6 +1087,7 @@ cdef class ProtobufDecoderBase(BaseDecoder):
         cdef Ctx c
         cdef Py_ssize_t i, nerr = 0, root_size
         cdef Py_ssize_t* saved = NULL
+        cdef int32_t* par = NULL
         cdef Py_ssize_t* err_idx = NULL
         cdef Py_ssize_t* err_pos = NULL
         cdef int* err_code = NULL
@@ -1096,6 +1113,14 @@ cdef class ProtobufDecoderBase(BaseDecoder):
         root_size = self.msgs[0].frame_size
         try:
             saved = <Py_ssize_t*>malloc((out.ncols + 1) * sizeof(Py_ssize_t))
+            par = <int32_t*>malloc((out.ncols + 1) * sizeof(int32_t))
+            if par == NULL:
+                raise MemoryError()
+            parents = out.parents
+            if len(parents) != out.ncols:
+                raise RuntimeError("Batch.parents does not match the column spec")
+            for i in range(out.ncols):
+                par[i] = parents[i]
             c.stack = <Slot*>malloc((self.stack_need + 1) * sizeof(Slot))
             err_idx = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
             err_pos = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
@@ -1106,7 +1131,6 @@ cdef class ProtobufDecoderBase(BaseDecoder):
                 raise MemoryError()
             with nogil:
                 for i in range(n):
-                    out.begin_row_checkpoint(saved)
                     c.base = ptrs[i]
                     c.top = root_size
                     memset(c.stack, 0, root_size * sizeof(Slot))
@@ -1122,6 +1146,7 @@ cdef class ProtobufDecoderBase(BaseDecoder):
                         else:
                             out.num_rows += 1
                     if rc:
+                        row_start_lengths(c.cols, par, out.ncols, out.num_rows, saved)
                         out.rollback(saved)
                         drop_open_objects(c.cols, out.ncols)
                         if c.err_code == E_NOMEM:
@@ -1143,6 +1168,7 @@ cdef class ProtobufDecoderBase(BaseDecoder):
             out.finish()
         finally:
             free(saved)
+            free(par)
             free(c.stack)
             free(c.htab)
             free(c.keep)
