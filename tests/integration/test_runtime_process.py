@@ -112,7 +112,8 @@ def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
     n = STALL_MESSAGES
     kafka_broker.create_topic(unique_topic, partitions=4)
     t0 = time.monotonic()
-    produce_ids(kafka_broker, unique_topic, 0, n, 4, pad=200)  # ~210 B each: backlog >> limit
+    pad = int(os.environ.get("KFAST_STALL_PAD", "200"))
+    produce_ids(kafka_broker, unique_topic, 0, n, 4, pad=pad)  # ~210 B each: backlog >> limit
     t_produce = time.monotonic() - t0
     out = str(tmp_path / "rows.txt")
     stall = tmp_path / "stall"
@@ -149,7 +150,7 @@ def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
     assert sorted(ids) == list(range(n))
     print(f"produce {t_produce:.1f} s, drain after stall {t_drain:.1f} s")
     print(
-        f"stalled sink: backlog {n} x ~210 B, memory_limit {limit >> 20} MiB, baseline "
+        f"stalled sink {STALL_SECONDS:.0f} s: backlog {n} x ~{pad + 10} B, memory_limit {limit >> 20} MiB, baseline "
         f"{baseline / 2**20:.1f} MiB, peak RSS {peak / 2**20:.1f} MiB, pauses {metrics['pauses']}"
     )
     assert metrics["pauses"] >= 1
