@@ -112,16 +112,31 @@ def test_commit_and_read_back_committed_offsets(
         consumer.close()
 
 
+GROUP_PROTOCOLS = {
+    # classic protocol, client-side cooperative assignor
+    "classic": {"partition.assignment.strategy": "cooperative-sticky"},
+    # KIP-848: the broker assigns; session/heartbeat settings are the broker's then
+    "consumer": {"group.protocol": "consumer"},
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(GROUP_PROTOCOLS))
 def test_consumer_group_of_two_splits_partitions(
     kafka_broker: KafkaBroker,
     unique_topic: str,
     unique_group: str,
     kafka_consumer_config: Callable[..., dict[str, Any]],
+    protocol: str,
 ) -> None:
     kafka_broker.create_topic(unique_topic, partitions=PARTITIONS)
     kafka_broker.produce(unique_topic, [str(i).encode() for i in range(400)])
-    conf = {"partition.assignment.strategy": "cooperative-sticky"}
-    members = [Consumer(kafka_consumer_config(unique_group, **conf)) for _ in range(2)]
+    confs = []
+    for _ in range(2):
+        conf = kafka_consumer_config(unique_group, **GROUP_PROTOCOLS[protocol])
+        if protocol == "consumer":
+            del conf["session.timeout.ms"], conf["heartbeat.interval.ms"]
+        confs.append(conf)
+    members = [Consumer(conf) for conf in confs]
     try:
         for c in members:
             c.subscribe([unique_topic])
