@@ -138,3 +138,33 @@ def test_decode_errors_go_to_the_dlq_with_original_bytes(
     assert h["kfast.error.stage"] == b"decode"
     assert h["kfast.original.topic"] == unique_topic.encode()
     assert h["trace"] in (b"t1", b"t3")  # original headers travel with the record
+
+
+def test_metrics_snapshot_and_prometheus_endpoint(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    import socket
+    import urllib.request
+
+    kafka_broker.create_topic(unique_topic, partitions=2)
+    produce_ids(kafka_broker, unique_topic, 0, 5000, 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rec = Recorder()
+    conf = kafka_consumer_config(unique_group, **{"statistics.interval.ms": 200})
+    pipe = pipeline(conf, unique_topic, rec, metrics_port=port, commit_interval=0.1)
+    runner = Runner(pipe)
+    wait_until(lambda: rec.count() >= 5000, 60, "rows")
+    wait_until(lambda: sum(pipe.metrics()["consumer_lag"].values() or [1]) == 0, 30, "lag 0")
+    m = pipe.metrics()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    runner.stop()
+    assert m["consumed"] == 5000 and m["written"] == 5000
+    assert set(m["consumer_lag"]) == {f"{unique_topic}[0]", f"{unique_topic}[1]"}
+    assert m["latency_s"]["decode"]["count"] == m["batches"] > 0
+    assert sum(m["batch_size"]["histogram"].values()) == m["batches"]
+    assert m["rss_bytes"] > 0 and len(m["gc"]["collections"]) == 3
+    assert "kfast_written 5000.0" in body
+    assert f'kfast_consumer_lag{{partition="{unique_topic}[0]"}} 0.0' in body
+    assert "kfast_ring_fill" in body
