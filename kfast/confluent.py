@@ -75,6 +75,7 @@ class ConfluentDecoder(FramedAvroDecoder):
         registry: Any,
         reader_schema: Any = None,
         max_cached_schemas: int = 1000,
+        protobuf_classes: dict[int, Any] | None = None,
     ) -> None:
         if not hasattr(registry, "get_schema"):
             raise ConfigError("registry: expected an object with get_schema(schema_id)")
@@ -93,6 +94,9 @@ class ConfluentDecoder(FramedAvroDecoder):
         self._registered: OrderedDict[int, Any] = OrderedDict()
         self._empty = Program(_schema.compile_schema(_schema.parse(_EMPTY_RECORD)))
         self._protobuf: Any = None
+        # {schema_id: generated Protobuf class or Descriptor}: these ids are
+        # PROTOBUF without asking the registry (see docs/protobuf.md)
+        self.protobuf_classes = dict(protobuf_classes or {})
 
     # -- registry -----------------------------------------------------------
     def _fetch(self, schema_id: int) -> Any:
@@ -165,6 +169,8 @@ class ConfluentDecoder(FramedAvroDecoder):
         (imported lazily, constructed once with the same registry).
         """
         first = _first_schema_id(payloads)
+        if first is not None and first in self.protobuf_classes:
+            return self._protobuf_decoder().decode(payloads, out)
         if first is not None:
             try:
                 kind = self._schema_type(first)
@@ -183,7 +189,11 @@ class ConfluentDecoder(FramedAvroDecoder):
                     "schema registry holds a PROTOBUF schema but kfast.protobuf has no "
                     "ConfluentProtobufDecoder"
                 )
-            self._protobuf = factory(self.registry, max_cached_schemas=self.max_cached_schemas)
+            self._protobuf = factory(
+                self.registry,
+                classes=self.protobuf_classes,
+                max_cached_schemas=self.max_cached_schemas,
+            )
         return self._protobuf
 
 
