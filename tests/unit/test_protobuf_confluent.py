@@ -82,3 +82,16 @@ def test_registry_schema_text_compiled_with_protoc() -> None:
     batch = dec.decode([frame(sid, b"\x04\x00\x00", body), frame(sid, b"\x02\x02", b"")])
     assert batch.to_pylist() == [{"id": 42, "sku": "abc", "at": {"seconds": 5, "nanos": 0}}]
     assert batch.errors[0].index == 1 and "shop.Other" in batch.errors[0].reason
+
+
+def test_confluent_decoder_with_protobuf_classes() -> None:
+    class NoRegistry:
+        def get_schema(self, schema_id: int):  # never asked for ids in protobuf_classes
+            raise AssertionError(f"registry asked for {schema_id}")
+
+    dec = kfast.ConfluentDecoder(NoRegistry(), protobuf_classes={3: trace_pb2.Span})
+    path = message_path(trace_pb2.Span.DESCRIPTOR)
+    encoded = bytes([len(path) * 2]) + bytes(i * 2 for i in path)
+    span = trace_pb2.Span(name="x", kind=trace_pb2.Span.SPAN_KIND_CLIENT)
+    batch = dec.decode([frame(3, encoded, span.SerializeToString())] * 3)
+    assert batch.num_rows == 3 and batch.to_pylist()[0] == expected(span)
