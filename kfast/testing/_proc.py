@@ -25,6 +25,7 @@ from typing import Any
 
 __all__ = [
     "OWNER_FILE",
+    "child_pids",
     "free_port",
     "free_ports",
     "log_tail",
@@ -156,6 +157,21 @@ def stop_process(
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         return proc.wait(timeout=10)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    out: list[int] = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            data = stat_file.read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+        fields = data[data.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            out.append(int(stat_file.parent.name))
+    return out
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -364,14 +364,47 @@ class PostgresServer:
         self._refuse_external("stop")
         self._stop_proc(timeout)
 
-    def kill(self) -> None:
-        """SIGKILL the postmaster (a crash); :meth:`start` recovers from the same data."""
+    def kill(self, flush_wal: bool = True) -> None:
+        """SIGKILL the whole server at once (a crash); :meth:`start` recovers from the data.
+
+        The server runs with ``synchronous_commit=off``, so a crash would also lose commits
+        acknowledged in the last few hundred milliseconds (the WAL writer's delay), which a
+        real, durable server keeps.  With ``flush_wal`` (the default) one synchronous commit
+        first pushes all earlier WAL out to the kernel, so every commit acknowledged before
+        ``kill()`` was called survives, as on a production server; pass ``False`` to crash
+        with the asynchronous-commit window open.
+        """
         self._refuse_external("kill")
-        if self._proc is not None:
-            _proc.stop_process(self._proc, signal.SIGKILL, 10)
-            self._proc = None
-            # The children notice the postmaster is gone and exit; wait for the port to free.
-            time.sleep(0.2)
+        if self._proc is None:
+            return
+        if flush_wal:
+            self._flush_wal()
+        # Backends call setsid(), so neither the process group nor the postmaster's death
+        # takes them down at once: SIGKILL the postmaster and every child together.
+        children = _proc.child_pids(self._proc.pid)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _proc.stop_process(self._proc, signal.SIGKILL, 10)
+        self._proc = None
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children):  # shared memory freed
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def _flush_wal(self) -> None:
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error):
+            with psycopg.connect(self.dsn_for("postgres"), autocommit=True, connect_timeout=2) as c:
+                c.execute("SET synchronous_commit = on")
+                # A transaction that writes WAL (an xid alone writes none), committed synchronously:
+                # its commit flushes all WAL before it.
+                c.execute("SELECT pg_logical_emit_message(true, 'kfast.testing', 'flush')")
 
     def restart(self, downtime: float = 0.0) -> None:
         """Stop, stay down ``downtime`` seconds, start again on the same port and data."""

@@ -266,3 +266,20 @@ def test_postgres_started_from_a_short_lived_thread_keeps_running(
     assert pg_server.running
     with psycopg.connect(pg_server.dsn) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_postgres_kill_keeps_acknowledged_commits(pg_server: PostgresServer) -> None:
+    if pg_server.external:
+        pytest.fail("this test kills the server: unset KFAST_TEST_PG_DSN")
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS testbed_crash")
+        conn.execute("CREATE TABLE testbed_crash (v int)")
+        for i in range(500):  # 500 small asynchronous commits, the last ones still in WAL buffers
+            conn.execute("INSERT INTO testbed_crash VALUES (%s)", (i,))
+        pg_server.kill()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+    pg_server.start()
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM testbed_crash").fetchone() == (500,)
+        conn.execute("DROP TABLE testbed_crash")
