@@ -305,12 +305,17 @@ def _write_properties(path: Path, props: Mapping[str, str]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+CLASSIC_GROUP_ONLY = ("session.timeout.ms", "heartbeat.interval.ms")
+
+
 def consumer_config(bootstrap: str, group: str, **overrides: Any) -> dict[str, Any]:
     """A librdkafka consumer config suited to tests against the local broker.
 
-    Manual commits, read from the beginning, fast heartbeats (rebalances settle in about a
-    second).  Keyword arguments use underscores for dots: ``consumer_config(b, g,
-    auto_offset_reset="latest")``; or pass a dict through ``**{"dotted.key": v}``.
+    Manual commits, read from the beginning, fast heartbeats (classic-protocol rebalances settle
+    in about a second).  ``overrides`` are librdkafka keys as they are, passed with
+    ``**{"dotted.key": value}``; a value of ``None`` removes the key.  With
+    ``group.protocol=consumer`` (KIP-848) the classic-only session and heartbeat settings are
+    left out (librdkafka rejects them; the broker's group settings apply).
     """
     conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
@@ -322,8 +327,14 @@ def consumer_config(bootstrap: str, group: str, **overrides: Any) -> dict[str, A
         "topic.metadata.refresh.interval.ms": 5000,
         "fetch.wait.max.ms": 100,
     }
+    if overrides.get("group.protocol") == "consumer":
+        for key in CLASSIC_GROUP_ONLY:
+            conf.pop(key)
     for key, value in overrides.items():
-        conf[key.replace("_", ".") if "." not in key else key] = value
+        if value is None:
+            conf.pop(key, None)
+        else:
+            conf[key] = value
     return conf
 
 

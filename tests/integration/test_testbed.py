@@ -130,13 +130,8 @@ def test_consumer_group_of_two_splits_partitions(
 ) -> None:
     kafka_broker.create_topic(unique_topic, partitions=PARTITIONS)
     kafka_broker.produce(unique_topic, [str(i).encode() for i in range(400)])
-    confs = []
-    for _ in range(2):
-        conf = kafka_consumer_config(unique_group, **GROUP_PROTOCOLS[protocol])
-        if protocol == "consumer":
-            del conf["session.timeout.ms"], conf["heartbeat.interval.ms"]
-        confs.append(conf)
-    members = [Consumer(conf) for conf in confs]
+    conf = kafka_consumer_config(unique_group, **GROUP_PROTOCOLS[protocol])
+    members = [Consumer(conf) for _ in range(2)]
     try:
         for c in members:
             c.subscribe([unique_topic])

@@ -155,13 +155,20 @@ def test_server_properties_single_node_fast_groups(tmp_path: Path) -> None:
 
 
 def test_consumer_config_defaults_and_overrides() -> None:
-    conf = kafka.consumer_config("127.0.0.1:9", "g", auto_offset_reset="latest")
+    conf = kafka.consumer_config("127.0.0.1:9", "g", **{"auto.offset.reset": "latest"})
     assert conf["bootstrap.servers"] == "127.0.0.1:9"
     assert conf["group.id"] == "g"
     assert conf["enable.auto.commit"] is False
     assert conf["auto.offset.reset"] == "latest"
-    conf = kafka.consumer_config("b", "g", **{"partition.assignment.strategy": "range"})
-    assert conf["partition.assignment.strategy"] == "range"
+    # Keys pass through untouched (librdkafka and the Python client have underscored keys).
+    conf = kafka.consumer_config("b", "g", log_level=3, **{"fetch.wait.max.ms": None})
+    assert conf["log_level"] == 3 and "fetch.wait.max.ms" not in conf
+    conf = kafka.consumer_config("b", "g", **{"group.protocol": "consumer"})
+    assert "session.timeout.ms" not in conf and "heartbeat.interval.ms" not in conf
+    conf = kafka.consumer_config(
+        "b", "g", **{"group.protocol": "consumer", "session.timeout.ms": 45000}
+    )
+    assert conf["session.timeout.ms"] == 45000
 
 
 def test_external_broker_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
