@@ -281,7 +281,7 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
             keys = &x.cols[op.c]
     while True:
         at = c.buf
-        rc = cur_read_zigzag64(c, &count)
+        rc = _zz64(c, &count)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if count == 0:
@@ -309,7 +309,7 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
         for j in range(count):
             if is_map:
                 at = c.buf
-                rc = cur_read_zigzag64(c, &klen)
+                rc = _zz64(c, &klen)
                 if rc != CUR_OK:
                     return _fail(x, rc, oi, at, 0, 0)
                 if klen < 0:
@@ -321,13 +321,41 @@ cdef int _read_items(Ctx* x, int32_t oi, const Op* op, Cursor* c, int depth) noe
                     return _fail(x, E_UTF8, oi, p, 0, 0)
                 if keys != NULL and col_append_bytes(keys, p, klen) < 0:
                     return E_NOMEM
-            rc = _run(x, op.a, c, depth + 1)
+            rc = _run_leaf(x, op.a, c)
+            if rc == 1:
+                rc = _run(x, op.a, c, depth + 1)
             if rc < 0:
                 return rc
     if op.col >= 0:
         if col_append_list_end(&x.cols[op.col], x.cols[op.c].length) < 0:
             return E_NOMEM
     return 0
+
+
+# One-byte varints (small ints, enum indexes, short lengths, union branches)
+# are the common case: decode them inline, else use the cursor's reader.
+cdef inline int _zz64(Cursor* c, int64_t* out) noexcept nogil:
+    cdef uint8_t b
+    if c.left > 0:
+        b = c.buf[0]
+        if b < 0x80:
+            out[0] = <int64_t>(b >> 1) ^ -<int64_t>(b & 1)
+            c.buf += 1
+            c.left -= 1
+            return CUR_OK
+    return cur_read_zigzag64(c, out)
+
+
+cdef inline int _zz32(Cursor* c, int32_t* out) noexcept nogil:
+    cdef uint8_t b
+    if c.left > 0:
+        b = c.buf[0]
+        if b < 0x80:
+            out[0] = <int32_t>(b >> 1) ^ -<int32_t>(b & 1)
+            c.buf += 1
+            c.left -= 1
+            return CUR_OK
+    return cur_read_zigzag32(c, out)
 
 
 # Typed appenders: the same effect as _columns' col_append_* (which they
@@ -425,12 +453,12 @@ cdef inline int _run_leaf(Ctx* x, int32_t oi, Cursor* c) noexcept nogil:
         return 1
     col = &x.cols[op.col]
     if op.kind == K_LONG and op.tgt == COL_INT64:
-        rc = cur_read_zigzag64(c, &i64)
+        rc = _zz64(c, &i64)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         return E_NOMEM if _put_i64(col, i64) < 0 else 0
     if op.kind == K_BYTES:
-        rc = cur_read_zigzag64(c, &i64)
+        rc = _zz64(c, &i64)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if i64 < 0:
@@ -447,7 +475,7 @@ cdef inline int _run_leaf(Ctx* x, int32_t oi, Cursor* c) noexcept nogil:
             return _fail(x, rc, oi, at, 0, 8)
         return E_NOMEM if _put_f64(col, f64) < 0 else 0
     if op.kind == K_INT and op.tgt == COL_INT32:
-        rc = cur_read_zigzag32(c, &i32)
+        rc = _zz32(c, &i32)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         return E_NOMEM if _put_i32(col, i32) < 0 else 0
@@ -459,7 +487,7 @@ cdef inline int _run_leaf(Ctx* x, int32_t oi, Cursor* c) noexcept nogil:
             return _fail(x, E_BOOL, oi, at, u8, 0)
         return E_NOMEM if _put_bool(col, u8) < 0 else 0
     if op.kind == K_ENUM:
-        rc = cur_read_zigzag32(c, &i32)
+        rc = _zz32(c, &i32)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if i32 < 0 or i32 >= op.b:
@@ -489,21 +517,21 @@ cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
     cdef Cursor dc
 
     if kind == K_LONG:
-        rc = cur_read_zigzag64(c, &i64)
+        rc = _zz64(c, &i64)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if col != NULL and _store_int(col, op.tgt, i64) < 0:
             return E_NOMEM
         return 0
     if kind == K_INT:
-        rc = cur_read_zigzag32(c, &i32)
+        rc = _zz32(c, &i32)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if col != NULL and _store_int(col, op.tgt, i32) < 0:
             return E_NOMEM
         return 0
     if kind == K_BYTES:
-        rc = cur_read_zigzag64(c, &i64)
+        rc = _zz64(c, &i64)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if i64 < 0:
@@ -539,14 +567,17 @@ cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
     if kind == K_UNION:
         if depth > MAX_DEPTH:
             return _fail(x, E_DEPTH, oi, at, 0, 0)
-        rc = cur_read_zigzag64(c, &i64)
+        rc = _zz64(c, &i64)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if i64 < 0 or i64 >= op.b:
             return _fail(x, E_UNION_INDEX, oi, at, i64, 0)
         k = x.ints[op.a + i64]
         if k >= 0:
-            return _run(x, k, c, depth + 1)
+            rc = _run_leaf(x, k, c)
+            if rc == 1:
+                rc = _run(x, k, c, depth + 1)
+            return rc
         if k == BRANCH_NULL:
             kids = x.ints + op.c
             for k in range(op.d):
@@ -576,7 +607,7 @@ cdef int _run(Ctx* x, int32_t oi, Cursor* c, int depth) noexcept nogil:
                 return E_NOMEM
         return 0
     if kind == K_ENUM:
-        rc = cur_read_zigzag32(c, &i32)
+        rc = _zz32(c, &i32)
         if rc != CUR_OK:
             return _fail(x, rc, oi, at, 0, 0)
         if i32 < 0 or i32 >= op.b:
