@@ -12,8 +12,9 @@ boolean, timestamp-millis, enum, nullable string, array of ints, nested
     PYTHONPATH=. .venv/bin/python benchmarks/bench_avro.py        # same, prints a JSON report
 
 cavro is measured when it is importable (``pip install cavro``). Each test
-stores records/s in ``extra_info``; ``test_zz_ratios`` prints kfast's ratio
-to every peer (medians of the rounds).
+stores records/s in ``extra_info`` (best and median round);
+``test_zz_ratios`` prints kfast's ratio to every peer, from the best round of
+each (the machine is shared, so the best round is the least disturbed one).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ ORDER = {
     ],
 }
 
-RESULTS: dict[str, float] = {}  # name -> records/s (median)
+RESULTS: dict[str, float] = {}  # name -> records/s (best round)
+MEDIANS: dict[str, float] = {}  # name -> records/s (median round)
 
 
 def make_payloads(n: int = N, seed: int = 7) -> list[bytes]:
@@ -91,9 +93,13 @@ def payloads() -> list[bytes]:
 
 
 def _record(benchmark: Any, name: str) -> None:
-    median = benchmark.stats.stats.median
-    RESULTS[name] = N / median
-    benchmark.extra_info["records_per_s"] = round(N / median)
+    # best round (least disturbed by the other processes of a shared machine),
+    # for every peer alike; the median is kept next to it
+    stats = benchmark.stats.stats
+    RESULTS[name] = N / stats.min
+    MEDIANS[name] = N / stats.median
+    benchmark.extra_info["records_per_s"] = round(N / stats.min)
+    benchmark.extra_info["records_per_s_median"] = round(N / stats.median)
     benchmark.extra_info["payloads"] = N
 
 
@@ -170,6 +176,7 @@ def report() -> dict[str, Any]:
         "processor": platform.processor() or platform.platform(),
         "fastavro": fastavro.__version__,
         "records_per_s": {k: round(v) for k, v in RESULTS.items()},
+        "records_per_s_median": {k: round(v) for k, v in MEDIANS.items()},
     }
     if base:
         out["ratio_vs_fastavro"] = {k: round(v / base, 1) for k, v in RESULTS.items()}
