@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kfast.errors import ConfigError, DecodeError, KfastError
 from kfast.memory import MemoryPlan, plan_memory
@@ -46,6 +46,15 @@ log = logging.getLogger("kfast.pipeline")
 _SAMPLES = 2048  # latency / batch-size samples kept per stage (bounded reservoir)
 _STAGES = ("poll", "decode", "deliver", "end_to_end")
 _BATCH_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000)
+_RETRIABLE_COMMIT = {
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
 
 
 def _rss_bytes() -> int:
@@ -82,6 +91,7 @@ class _Stats:
     seek_errors: int = 0
     revokes: int = 0
     revokes_at_close: int = 0
+    sync_commit_failures: int = 0
     assigns: int = 0
     lost: int = 0
     revoke_timeouts: int = 0
@@ -384,20 +394,36 @@ class Pipeline:
             self._ring.seek_done(topic, partition)
             self._stats.seeks += 1
 
-    def _commit(self, *, asynchronous: bool, indexes: list[int] | None = None) -> None:
+    def _commit(
+        self, *, asynchronous: bool, indexes: list[int] | None = None, retry: bool = False
+    ) -> None:
         failures = self._source.take_commit_failures()
         if failures:
             self._tracker.commit_failed(failures)
         offsets = self._tracker.pending(indexes, force=not asynchronous)
         if not offsets:
             return
-        try:
-            self._source.commit(offsets, asynchronous=asynchronous)
-        except KafkaException as e:
-            self._tracker.commit_failed(offsets)
-            log.warning("commit of %d partitions failed: %s", len(offsets), e)
+        # The shutdown commit is the last chance before the partitions move:
+        # retry transient coordinator states briefly (librdkafka completes a
+        # rebalance in the background meanwhile). Not inside a rebalance
+        # callback: the group waits for the callback to return, so retrying
+        # there only prolongs the rebalance.
+        delays = [0.05, 0.1, 0.2, 0.4, 0.8] if retry and not asynchronous else []
+        while True:
+            try:
+                self._source.commit(offsets, asynchronous=asynchronous)
+            except KafkaException as e:
+                code = e.args[0].code() if e.args and hasattr(e.args[0], "code") else None
+                if delays and code in _RETRIABLE_COMMIT:
+                    time.sleep(delays.pop(0))
+                    continue
+                self._tracker.commit_failed(offsets)
+                if not asynchronous:
+                    self._stats.sync_commit_failures += 1
+                log.warning("commit of %d partitions failed: %s", len(offsets), e)
+                return
+            self._tracker.committed(offsets)
             return
-        self._tracker.committed(offsets)
 
     # -------------------------------------------------------- rebalance hooks
     def _on_assign(self, partitions: list[TopicPartition]) -> None:
@@ -454,8 +480,8 @@ class Pipeline:
                 self._tracker.remove(index)
         log.warning("lost %d partitions", len(partitions))
 
-    def _commit_sync(self, indexes: list[int] | None = None) -> None:
-        self._commit(asynchronous=False, indexes=indexes)
+    def _commit_sync(self, indexes: list[int] | None = None, *, retry: bool = False) -> None:
+        self._commit(asynchronous=False, indexes=indexes, retry=retry)
 
     # ---------------------------------------------------------------- worker
     def _setup_delivery(self) -> None:
@@ -609,7 +635,7 @@ class Pipeline:
         self._closing = True
         if self._source is not None:
             try:
-                self._commit_sync()
+                self._commit_sync(retry=True)
             except Exception as e:
                 log.warning("final commit failed: %s", e)
             try:
@@ -719,6 +745,7 @@ class Pipeline:
             "commits": {
                 "submitted": self._tracker.commits,
                 "failed": self._tracker.commit_errors,
+                "sync_failed": s.sync_commit_failures,
                 "async_ok": src.async_commits_ok if src is not None else 0,
                 "async_failed": src.async_commits_failed if src is not None else 0,
                 "partitions": self._tracker.snapshot(),
