@@ -975,7 +975,6 @@ cdef class FramedAvroDecoder(BaseDecoder):
             raise MemoryError()
         try:
             # 1. framing: schema id per payload (-1 short, -2 wrong magic)
-            first = None
             for i in range(n):
                 if lens[i] < 5:
                     ids[i] = -1
@@ -985,13 +984,12 @@ cdef class FramedAvroDecoder(BaseDecoder):
                     ids[i] = -2
                     continue
                 ids[i] = (<int64_t>p[1] << 24) | (<int64_t>p[2] << 16) | (<int64_t>p[3] << 8) | p[4]
-                if first is None:
-                    first = ids[i]
-            cols_prog = self._columns_program(first)
             # 2. one program per distinct id (Python, once per id and batch)
             programs = []
             failures = []      # per slot: reason string or None
+            slot_ids = []
             slot_of = {}
+            first_ok = None
             for i in range(n):
                 if ids[i] < 0:
                     slot[i] = -1
@@ -1004,20 +1002,25 @@ cdef class FramedAvroDecoder(BaseDecoder):
                 if s is None:
                     s = len(programs)
                     slot_of[sid] = s
+                    slot_ids.append(sid)
                     try:
-                        prog = self._program_for(sid)
-                        if prog.spec != cols_prog.spec:
-                            raise ConfigError(
-                                f"schema id {sid} resolves to different columns than the "
-                                "decoder's reader schema")
-                        programs.append(prog)
+                        programs.append(self._program_for(sid))
                         failures.append(None)
+                        if first_ok is None:
+                            first_ok = sid
                     except Exception as exc:
                         programs.append(None)
                         failures.append(self._failure_reason(sid, exc))
                 slot[i] = s
                 last = ids[i]
                 last_slot = s
+            # the columns: the reader schema (or the first id that compiled)
+            cols_prog = self._columns_program(first_ok)
+            for s in range(len(programs)):
+                if programs[s] is not None and (<Program>programs[s]).spec != cols_prog.spec:
+                    programs[s] = None
+                    failures[s] = (f"schema id {slot_ids[s]}: its columns differ from the "
+                                   "decoder's reader schema")
             nprogs = len(programs)
             refs = <ProgRef*>malloc(max(nprogs, 1) * sizeof(ProgRef))
             if refs == NULL:

@@ -228,3 +228,10 @@ def test_object_columns_use_each_writer_schema(mock_registry: Any) -> None:
     batch = ConfluentDecoder(reg, reader_schema=reader).decode(payloads)
     assert batch.errors == []
     assert batch.to_pylist() == [{"u": 5}, {"u": "s"}, {"u": 7}, {"u": "t"}]
+
+
+def test_first_known_id_defines_columns_when_the_first_id_fails(mock_registry: Any) -> None:
+    reg, id1, _, _ = mock_registry
+    batch = ConfluentDecoder(reg).decode([frame(31337, V1, {"id": 1}), frame(id1, V1, {"id": 2})])
+    assert batch.to_pylist() == [{"id": 2}]
+    assert batch.errors[0].index == 0 and "unknown schema id 31337" in batch.errors[0].reason
