@@ -504,3 +504,33 @@ def test_nested_zero_size_items_share_one_budget() -> None:
     payload = zigzag(3) + (zigzag(2**23) + zigzag(0)) * 3 + zigzag(0)
     batch = AvroDecoder(schema).decode([payload])
     assert batch.num_rows == 0 and "block count" in batch.errors[0].reason
+
+
+def test_reader_only_defaults_of_every_shape() -> None:
+    writer = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]}
+    reader = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {"name": "a", "type": "int"},
+            {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["X", "Y"]}, "default": "Y"},
+            {"name": "fx", "type": {"type": "fixed", "name": "F", "size": 2}, "default": "\u00ff\u0001"},
+            {"name": "by", "type": "bytes", "default": "\u0000a"},
+            {"name": "arr", "type": {"type": "array", "items": "long"}, "default": [1, 2]},
+            {"name": "m", "type": {"type": "map", "values": "string"}, "default": {"k": "v"}},
+            {"name": "rec", "type": {"type": "record", "name": "S", "fields": [
+                {"name": "x", "type": "double", "default": 0.5}, {"name": "y", "type": "string"}]},
+             "default": {"y": "why"}},
+            {"name": "u", "type": ["string", "null"], "default": "first branch"},
+            {"name": "obj", "type": ["null", "int", "string"], "default": None},
+            {"name": "f", "type": "float", "default": 1},
+        ],
+    }  # fmt: skip
+    batch = AvroDecoder(reader, writer_schema=writer).decode([zigzag(5)])
+    assert batch.errors == []
+    assert batch.to_pylist() == [
+        {
+            "a": 5, "e": "Y", "fx": b"\xff\x01", "by": b"\x00a", "arr": [1, 2], "m": {"k": "v"},
+            "rec": {"x": 0.5, "y": "why"}, "u": "first branch", "obj": None, "f": 1.0,
+        }
+    ]  # fmt: skip

@@ -313,3 +313,44 @@ def test_uuid_fixed_and_nan_do_not_break_comparison() -> None:
     schema = {"type": "record", "name": "U", "fields": [{"name": "u", "type": "string"}]}
     payload = encode(schema, {"u": str(uuid.UUID(int=1))})
     _check(schema, [payload])
+
+
+TREE = {
+    "type": "record",
+    "name": "Tree",
+    "fields": [
+        {"name": "label", "type": "string"},
+        {"name": "children", "type": {"type": "array", "items": "Tree"}},
+        {"name": "next", "type": ["null", "Tree"], "default": None},
+        {"name": "weight", "type": ["null", "double"]},
+    ],
+}
+
+
+def trees(depth: int = 3) -> Any:
+    leaf_tree = st.fixed_dictionaries(
+        {
+            "label": st.text(max_size=3),
+            "children": st.just([]),
+            "next": st.none(),
+            "weight": st.none() | st.floats(allow_nan=False),
+        }
+    )
+    return st.recursive(
+        leaf_tree,
+        lambda sub: st.fixed_dictionaries(
+            {
+                "label": st.text(max_size=3),
+                "children": st.lists(sub, max_size=3),
+                "next": st.none() | sub,
+                "weight": st.none() | st.floats(allow_nan=False),
+            }
+        ),
+        max_leaves=10,
+    )
+
+
+@settings(max_examples=30 * SCALE, **COMMON)
+@given(st.lists(trees(), min_size=1, max_size=4))
+def test_recursive_schemas_match_fastavro(records: list[Any]) -> None:
+    _check(TREE, [encode(TREE, r) for r in records])
