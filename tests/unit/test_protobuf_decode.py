@@ -13,6 +13,8 @@ from _protobuf_support import (
     check_decoded,
     compiled,
     expected,
+    messages,
+    normalize,
     parse_google,
     payloads,
     varint,
@@ -318,3 +320,106 @@ def test_to_arrow_smoke() -> None:
     m = pb3.Everything(scalars=pb3.Scalars(f_int32=3, f_string="x"), inners=[pb3.Inner(a=1)])
     rb = decoder(pb3.Everything).decode([m.SerializeToString(), b""]).to_arrow()
     assert isinstance(rb, pa.RecordBatch) and rb.num_rows == 2
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        byte = b[i]
+        i += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, i
+        shift += 7
+
+
+def _skip_group(b: bytes, i: int, num: int) -> int:
+    """Offset just past the end-group tag of group ``num`` starting at ``i``."""
+    while True:
+        tag, i = _read_varint(b, i)
+        if tag & 7 == 4 and tag >> 3 == num:
+            return i
+        wt = tag & 7
+        if wt == 0:
+            _, i = _read_varint(b, i)
+        elif wt == 2:
+            n, i = _read_varint(b, i)
+            i += n
+        elif wt == 3:
+            i = _skip_group(b, i, tag >> 3)
+        else:
+            i += 8 if wt == 1 else 4
+
+
+def _elements(wire: int, data: bytes) -> list[bytes]:
+    """Split a packed payload into the raw bytes of its elements."""
+    out, i = [], 0
+    while i < len(data):
+        if wire == 0:
+            _, j = _read_varint(data, i)
+        else:
+            j = i + (8 if wire == 1 else 4)
+        out.append(data[i:j])
+        i = j
+    return out
+
+
+def reencode(desc, blob: bytes, pack: bool) -> bytes:
+    """Rewrite every top-level repeated scalar field packed (or unpacked),
+    whatever the schema's own encoding is; other fields are copied."""
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    _v = varint
+
+    packable = {
+        fd.number: {1: 1, 6: 1, 16: 1, 2: 5, 7: 5, 15: 5}.get(fd.type, 0)
+        for fd in desc.fields
+        if fd.is_repeated
+        and fd.type not in (FD.TYPE_STRING, FD.TYPE_BYTES, FD.TYPE_MESSAGE)
+        and fd.type != FD.TYPE_GROUP
+    }
+    out, i = bytearray(), 0
+    while i < len(blob):
+        tag, j = _read_varint(blob, i)
+        num, wt = tag >> 3, tag & 7
+        if wt == 3:
+            end = _skip_group(blob, j, num)
+            value = b""
+        elif wt == 2:
+            n, k = _read_varint(blob, j)
+            value, end = blob[k : k + n], k + n
+        elif wt == 0:
+            _, end = _read_varint(blob, j)
+            value = blob[j:end]
+        else:
+            end = j + (8 if wt == 1 else 4)
+            value = blob[j:end]
+        if num in packable:
+            ew = packable[num]
+            elems = _elements(ew, value) if wt == 2 else [value]
+            if pack:
+                data = b"".join(elems)
+                out += _v(num << 3 | 2) + _v(len(data)) + data
+            else:
+                for e in elems:
+                    out += _v(num << 3 | ew) + e
+        else:
+            out += blob[i:end]
+        i = end
+    return bytes(out)
+
+
+@pytest.mark.parametrize("cls", [pb3.Repeateds, pb2.P2, pbed.Ed], ids=lambda c: c.DESCRIPTOR.name)
+def test_both_encodings_of_every_repeated_scalar(cls) -> None:
+    msgs = st.lists(messages(cls.DESCRIPTOR, 0, 1), min_size=1, max_size=2)
+    blobs = msgs.map(lambda ms: b"".join(m.SerializePartialToString() for m in ms))
+
+    @SETTINGS
+    @given(blobs, st.booleans())
+    def run(blob: bytes, pack: bool) -> None:
+        other = reencode(cls.DESCRIPTOR, blob, pack)
+        check_batch(cls, [blob, other])
+        a, b = decoder(cls).decode([blob, other]).to_pylist()
+        assert normalize(a) == normalize(b)
+
+    run()
