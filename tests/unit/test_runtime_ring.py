@@ -201,3 +201,61 @@ def test_offset_tracker_ignores_stale_generations_and_retries_failures():
     assert t.pending() == [("t", 0, 10)]
     assert t.remove(0) is not None and t.pending() == []
     assert t.stale_acks == 1
+
+
+def test_message_fields_are_read_directly():
+    """The ring measured confluent_kafka.Message's layout (0.08 us/message instead of 0.3)."""
+    from kfast.ring._ring import fast_path_available
+
+    assert fast_path_available(), "confluent_kafka.Message layout not recognised: slow path"
+
+
+class _DuckMessage:
+    """Not a confluent_kafka.Message: the ring must use the accessor methods."""
+
+    def __init__(self, off: int) -> None:
+        self._off = off
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "t"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._off
+
+    def key(self):
+        return None
+
+    def value(self):
+        return enc(self._off)
+
+    def timestamp(self):
+        return (0, -1)
+
+    def headers(self):
+        return None
+
+
+def test_method_path_for_other_message_types():
+    ring = Ring(10, 1024)
+    ring.assign("t", 0)
+    assert ring.push([_DuckMessage(i) for i in range(3)]) == 3
+    batch, view = decode_all(ring)
+    assert ids(batch) == [0, 1, 2]
+    assert view.key(0) is None and view.timestamp(0) == -1
+
+
+def test_error_messages_are_collected_and_eof_ignored():
+    from confluent_kafka import KafkaError
+
+    ring = Ring(10, 1024)
+    ring.assign("t", 0)
+    eof = Message(topic="t", partition=0, offset=5, error=KafkaError(KafkaError._PARTITION_EOF))
+    bad = Message(topic="t", partition=0, offset=5, error=KafkaError(KafkaError._MSG_TIMED_OUT))
+    assert ring.push([msg(0), eof, bad, msg(1)]) == 2
+    assert [e.code() for e in ring.errors] == [KafkaError._MSG_TIMED_OUT]
