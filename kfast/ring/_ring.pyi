@@ -4,6 +4,8 @@ from kfast._batch import BaseDecoder, Batch
 
 SLOT_SIZE: int
 
+def fast_path_available() -> bool: ...
+
 class Ring:
     capacity_messages: int
     capacity_bytes: int
