@@ -14,6 +14,8 @@ Error codes are negative ints; ``decode_spans`` turns them into RowErrors.
 """
 
 cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
@@ -1177,3 +1179,118 @@ cdef class ProtobufDecoderBase(BaseDecoder):
             free(err_code)
             free(err_field)
         return 0
+
+
+# ---------------------------------------------------------------- Confluent framing
+
+cdef int scan_frame(const unsigned char* p, Py_ssize_t n, uint32_t* schema_id,
+                    Py_ssize_t* path_end) noexcept nogil:
+    """Magic byte 0, big-endian schema id, message-index path (zigzag varints:
+    count, then indexes; a single 0 means [0]). Returns 0 and where the path
+    ends (= where the message starts), or -1 for bad framing."""
+    cdef const unsigned char* q
+    cdef const unsigned char* end = p + n
+    cdef uint64_t v
+    cdef int64_t count, k
+    if n < 6 or p[0] != 0:
+        return -1
+    schema_id[0] = ((<uint32_t>p[1]) << 24) | ((<uint32_t>p[2]) << 16) | ((<uint32_t>p[3]) << 8) | p[4]
+    q = p + 5
+    if rd_varint(&q, end, &v):
+        return -1
+    count = <int64_t>((v >> 1) ^ (0 - (v & 1)))
+    if count < 0 or count > 128:
+        return -1
+    for k in range(count):
+        if rd_varint(&q, end, &v):
+            return -1
+        if v & 1:   # negative index
+            return -1
+    path_end[0] = q - p
+    return 0
+
+
+def decode_framed(object payloads, Batch out, object resolve, ProtobufDecoderBase empty):
+    """Decode Confluent-framed payloads (see ``confluent.ConfluentProtobufDecoder``).
+
+    ``resolve(schema_id, path_bytes)`` returns ``(decoder, None)`` or
+    ``(None, reason)``; it is called once per run of equal (id, path) keys. Every
+    decoder it returns must be the same object (one column layout per batch).
+    """
+    cdef Py_ssize_t n = len(payloads)
+    cdef Py_ssize_t i, nviews = 0, path_end = 0
+    cdef const unsigned char** ptrs = NULL
+    cdef Py_ssize_t* lens = NULL
+    cdef Py_buffer* views = NULL
+    cdef const unsigned char* p
+    cdef Py_ssize_t ln
+    cdef uint32_t sid = 0, last_sid = 0
+    cdef const unsigned char* last_path = NULL
+    cdef Py_ssize_t last_len = -1
+    cdef ProtobufDecoderBase dec = None
+    cdef object last_reason = None
+    cdef object last_dec = None
+    cdef bint have_last = False
+    cdef dict reasons = {}
+    static_bad = b"\x00"   # field number 0: always a RowError (reason replaced)
+    if out is None:
+        out = Batch.__new__(Batch)
+    if not isinstance(payloads, (list, tuple)):
+        payloads = list(payloads)
+        n = len(payloads)
+    ptrs = <const unsigned char**>malloc((n + 1) * sizeof(void*))
+    lens = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+    views = <Py_buffer*>malloc((n + 1) * sizeof(Py_buffer))
+    try:
+        if ptrs == NULL or lens == NULL or views == NULL:
+            raise MemoryError()
+        for i in range(n):
+            obj = payloads[i]
+            if PyBytes_Check(obj):
+                p = <const unsigned char*>PyBytes_AS_STRING(obj)
+                ln = PyBytes_GET_SIZE(obj)
+            elif obj is None:
+                raise TypeError(f"payload {i} is None (a tombstone has no value to decode)")
+            else:
+                PyObject_GetBuffer(obj, &views[nviews], PyBUF_SIMPLE)
+                p = <const unsigned char*>views[nviews].buf
+                ln = views[nviews].len
+                nviews += 1
+            if scan_frame(p, ln, &sid, &path_end) < 0:
+                reasons[i] = ("not Confluent Protobuf framing (magic byte 0, 4-byte schema id, "
+                              "message indexes)")
+                ptrs[i] = <const unsigned char*>PyBytes_AS_STRING(static_bad)
+                lens[i] = 1
+                continue
+            if not (have_last and sid == last_sid and path_end - 5 == last_len
+                    and memcmp(p + 5, last_path, last_len) == 0):
+                last_dec, last_reason = resolve(
+                    sid, PyBytes_FromStringAndSize(<const char*>p + 5, path_end - 5))
+                last_sid = sid
+                last_path = p + 5
+                last_len = path_end - 5
+                have_last = True
+                if last_dec is not None:
+                    if dec is None:
+                        dec = last_dec
+                    elif last_dec is not dec:
+                        raise RuntimeError("resolve() returned two decoders for one batch")
+            if last_dec is None:
+                reasons[i] = last_reason
+                ptrs[i] = <const unsigned char*>PyBytes_AS_STRING(static_bad)
+                lens[i] = 1
+                continue
+            ptrs[i] = p + path_end
+            lens[i] = ln - path_end
+        if dec is None:
+            dec = empty
+        dec.decode_spans(ptrs, lens, n, out)
+    finally:
+        for i in range(nviews):
+            PyBuffer_Release(&views[i])
+        free(ptrs)
+        free(lens)
+        free(views)
+    if reasons:
+        out.errors = [RowError(e.index, reasons.get(e.index, e.reason)) for e in out.errors]
+    return out

@@ -29,7 +29,6 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor
 
 from kfast.errors import ConfigError, DecodeError
-from kfast.row_error import RowError
 
 MAX_PATH = 128  # more nesting than any real .proto file has
 
@@ -186,6 +185,7 @@ class ConfluentProtobufDecoder:
         self._types: OrderedDict[tuple[int, tuple[int, ...]], Descriptor] = OrderedDict()
         self._files: OrderedDict[int, Any] = OrderedDict()
         self._decoder: Any = None
+        self._empty: Any = None
 
     def _file(self, schema_id: int) -> Any:
         f = self._files.get(schema_id)
@@ -224,62 +224,37 @@ class ConfluentProtobufDecoder:
         return desc
 
     def decode(self, payloads: Sequence[Any], out: Any = None) -> Any:
+        """Decode framed payloads into a Batch (framing is parsed in C; the
+        message type is resolved once per run of equal schema id and path)."""
+        from kfast.protobuf._decoder import decode_framed
+
+        if self._empty is None:
+            from google.protobuf import empty_pb2
+
+            from kfast.protobuf import ProtobufDecoder
+
+            self._empty = ProtobufDecoder(empty_pb2.Empty)
+        return decode_framed(payloads, out, self._resolve, self._empty)
+
+    def _resolve(self, schema_id: int, path_bytes: bytes) -> tuple[Any, str | None]:
         from kfast.protobuf import ProtobufDecoder
 
-        bodies: list[Any] = []
-        reasons: dict[int, str] = {}
-        bad = b"\x00"  # field number 0: always a RowError, reason replaced below
-        for i, p in enumerate(payloads):
-            if p is None:
-                raise TypeError(f"payload {i} is None (a tombstone has no value to decode)")
-            mv = memoryview(p).cast("B")
-            try:
-                if len(mv) < 6 or mv[0] != 0:
-                    raise DecodeError(
-                        "not Confluent framing (magic byte 0, 4-byte schema id, message indexes)"
-                    )
-                schema_id = int.from_bytes(mv[1:5], "big")
-                if mv[5] == 0:
-                    path: tuple[int, ...] = (0,)
-                    start = 6
-                else:
-                    path, start = parse_message_indexes(mv, 5)
-                desc = self.message_type(schema_id, path)
-                if self._decoder is None:
-                    self._decoder = ProtobufDecoder(desc, max_depth=self.max_depth)
-                elif desc.full_name != self._decoder.descriptor.full_name:
-                    raise DecodeError(
-                        f"schema id {schema_id} carries {desc.full_name}, this decoder "
-                        f"decodes {self._decoder.descriptor.full_name}"
-                    )
-            except Exception as exc:  # every framing/registry failure is that row's error
-                reasons[i] = _reason(exc)
-                bodies.append(bad)
-                continue
-            bodies.append(mv[start:])
-        if self._decoder is None:
-            # no payload resolved: an empty layout, every payload is an error
-            self._decoder = _EmptyDecoder()
-        batch = self._decoder.decode(bodies, out)
-        if reasons:
-            batch.errors = [RowError(e.index, reasons.get(e.index, e.reason)) for e in batch.errors]
-            if isinstance(self._decoder, _EmptyDecoder):
-                self._decoder = None
-        return batch
+        try:
+            path, _ = parse_message_indexes(path_bytes)
+            desc = self.message_type(schema_id, path)
+            if self._decoder is None:
+                self._decoder = ProtobufDecoder(desc, max_depth=self.max_depth)
+            elif desc.full_name != self._decoder.descriptor.full_name:
+                raise DecodeError(
+                    f"schema id {schema_id} carries {desc.full_name}, this decoder "
+                    f"decodes {self._decoder.descriptor.full_name}"
+                )
+        except Exception as exc:  # every framing/registry failure is that row's error
+            return None, _reason(exc)
+        return self._decoder, None
 
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, (DecodeError, ConfigError, LookupError)):
         return str(exc).strip("'\"")
     return f"{type(exc).__name__}: {exc}"
-
-
-class _EmptyDecoder:
-    """Decodes nothing: used when no payload of a batch could be resolved."""
-
-    def decode(self, bodies: Sequence[Any], out: Any = None) -> Any:
-        from google.protobuf import empty_pb2
-
-        from kfast.protobuf import ProtobufDecoder
-
-        return ProtobufDecoder(empty_pb2.Empty).decode(bodies, out)

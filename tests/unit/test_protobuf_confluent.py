@@ -56,7 +56,7 @@ def test_classes_and_framing_errors() -> None:
     assert batch.to_pylist() == [expected(t), expected(pb3.Tree())]
     reasons = {e.index: e.reason for e in batch.errors}
     assert set(reasons) == {1, 2, 3, 4, 5}
-    assert "Confluent framing" in reasons[1]
+    assert "Confluent Protobuf framing" in reasons[1]
     assert "unknown schema id 9" in reasons[2]
     assert "kfpb3.Tree" in reasons[3]
     assert "carries kfpb3.Inner" in reasons[4]
@@ -95,3 +95,38 @@ def test_confluent_decoder_with_protobuf_classes() -> None:
     span = trace_pb2.Span(name="x", kind=trace_pb2.Span.SPAN_KIND_CLIENT)
     batch = dec.decode([frame(3, encoded, span.SerializeToString())] * 3)
     assert batch.num_rows == 3 and batch.to_pylist()[0] == expected(span)
+
+
+def test_mixed_ids_buffers_and_bad_paths() -> None:
+    dec = ConfluentProtobufDecoder(classes={1: pb3.Tree, 2: pb3.Tree})
+    t = pb3.Tree(value=9).SerializeToString()
+    payloads = [
+        frame(1, b"\x02\x06", t),
+        memoryview(frame(2, b"\x02\x06", t)),
+        bytearray(frame(1, b"\x02\x06", t)),
+        frame(2, b"\x02\x06", t),
+        frame(1, b"\x03\x06", t),  # negative count
+        frame(1, b"\x02\x07", t),  # negative index
+        frame(1, b"\x04\x06", t),  # truncated path
+        b"\x00\x00\x00\x00",  # too short
+    ]
+    batch = dec.decode(payloads)
+    assert list(batch.source_indices) == [0, 1, 2, 3]
+    assert batch.to_pylist() == [expected(pb3.Tree(value=9))] * 4
+    assert [e.index for e in batch.errors] == [4, 5, 6, 7]
+    assert all("framing" in e.reason or "index" in e.reason for e in batch.errors)
+    again = dec.decode(payloads[:2], out=batch)
+    assert again is batch and batch.num_rows == 2 and not batch.errors
+
+
+def test_random_framing_never_crashes() -> None:
+    import random
+
+    rng = random.Random(5)
+    dec = ConfluentProtobufDecoder(classes={0: pb3.Tree, 1: pb3.Tree})
+    blobs = [
+        b"\x00" + bytes(rng.randrange(4) if k < 4 else rng.randrange(256) for k in range(n))
+        for n in (rng.randrange(0, 16) for _ in range(3000))
+    ]
+    batch = dec.decode(blobs)
+    assert batch.num_rows + len(batch.errors) == len(blobs)
