@@ -10,6 +10,7 @@ name, kind, start/end timestamps, 4 attributes of mixed value types, status),
 * ``upb_message_to_dict``: ``FromString`` + ``json_format.MessageToDict``;
 * ``kfast_columnar``: ``ProtobufDecoder.decode`` into a recycled Batch (every
   value in typed columns, ready for a sink);
+* ``kfast_confluent_framed``: the same spans behind Confluent framing;
 * ``kfast_to_pylist``: the same plus ``Batch.to_pylist()``.
 
     PYTHONPATH=. .venv/bin/python -m pytest benchmarks/bench_protobuf.py --benchmark-only -s
@@ -95,6 +96,20 @@ def test_kfast_columnar(benchmark: Any, payloads: list[bytes]) -> None:
     )
     assert result.num_rows == N and not result.errors
     _record(benchmark, "kfast_columnar")
+
+
+def test_kfast_confluent_framed(benchmark: Any, payloads: list[bytes]) -> None:
+    """The same spans behind Confluent framing (magic byte, schema id, path)."""
+    from kfast.protobuf import ConfluentProtobufDecoder, message_path
+
+    path = message_path(trace_pb2.Span.DESCRIPTOR)
+    head = b"\x00" + (42).to_bytes(4, "big") + bytes([len(path) * 2, *(i * 2 for i in path)])
+    framed = [head + p for p in payloads]
+    dec = ConfluentProtobufDecoder(classes={42: trace_pb2.Span})
+    batch = dec.decode(framed)
+    result = benchmark.pedantic(dec.decode, args=(framed,), kwargs={"out": batch}, rounds=5)
+    assert result.num_rows == N and not result.errors
+    _record(benchmark, "kfast_confluent_framed")
 
 
 def test_kfast_to_pylist(benchmark: Any, payloads: list[bytes]) -> None:
