@@ -45,9 +45,11 @@ def mutate(rng: random.Random, blob: bytes) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.parametrize("max_columns", [4096, 3], ids=["columns", "objects"])
 @pytest.mark.parametrize("cls", TYPES, ids=lambda c: c.DESCRIPTOR.full_name)
-def test_mutation_fuzz(cls) -> None:
-    dec = ProtobufDecoder(cls)
+def test_mutation_fuzz(cls, max_columns: int) -> None:
+    # max_columns=3 turns every message field into an OBJECT column (raw-bytes path)
+    dec = ProtobufDecoder(cls, max_columns=max_columns)
 
     @settings(
         max_examples=max(10, EXAMPLES // 2),
