@@ -266,7 +266,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": getattr(confluent_kafka, "__version__", str(confluent_kafka.version())),
         "librdkafka": confluent_kafka.libversion()[0],
         "kafka": KAFKA_VERSION,
     }
