@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 
-class RowError(NamedTuple):
-    index: int    # position of the payload in the decoded input
-    reason: str   # what was wrong, e.g. "truncated payload at byte 17"
+@dataclass(frozen=True, slots=True)
+class RowError:
+    index: int  # position of the payload in the decoded input
+    reason: str  # what was wrong, e.g. "truncated payload: needed 8 bytes at byte 13"
