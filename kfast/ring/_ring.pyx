@@ -410,7 +410,7 @@ cdef class Ring:
         cdef Slot* s
         cdef int32_t flags
         cdef object last_topic = None
-        cdef bint fast
+        cdef bint fast, mfast
         cdef PyObject* ep
         global _MSG_TYPE
         if n == 0:
@@ -432,7 +432,8 @@ cdef class Ring:
         m_headers = tp.headers
         for i in range(n):
             msg = messages[i]
-            if fast and type(msg) is tp:
+            mfast = fast and type(msg) is tp
+            if mfast:
                 ep = _field_ptr(msg, _OFF_ERROR)
                 if ep != NULL and <object>ep is not None:
                     err = <object>ep
@@ -463,7 +464,7 @@ cdef class Ring:
             if self.rstate[p] == R_NEED_SEEK:
                 self.dropped_rewind += 1
                 continue
-            if fast:
+            if mfast:
                 off = _field_i64(msg, _OFF_OFFSET)
             else:
                 off = m_offset(msg)
@@ -477,7 +478,7 @@ cdef class Ring:
                 self._start_rewind(p, off)
                 self.dropped_rewind += 1
                 continue
-            if fast:
+            if mfast:
                 key = _opt(_field_ptr(msg, _OFF_KEY))
                 value = _opt(_field_ptr(msg, _OFF_VALUE))
             else:
@@ -530,7 +531,7 @@ cdef class Ring:
                     memcpy(self.arena + aoff + klen + vlen, PyBytes_AS_STRING(hbytes), hlen)
             s = &self.slots[self.head % self.capacity_messages]
             s.offset = off
-            if fast:
+            if mfast:
                 s.timestamp = (_field_i64(msg, _OFF_TS) if _field_i32(msg, _OFF_TSTYPE) != 0
                                else -1)
             else:

@@ -259,3 +259,12 @@ def test_error_messages_are_collected_and_eof_ignored():
     bad = Message(topic="t", partition=0, offset=5, error=KafkaError(KafkaError._MSG_TIMED_OUT))
     assert ring.push([msg(0), eof, bad, msg(1)]) == 2
     assert [e.code() for e in ring.errors] == [KafkaError._MSG_TIMED_OUT]
+
+
+def test_mixed_message_types_in_one_push():
+    ring = Ring(10, 1024)
+    ring.assign("t", 0)
+    assert ring.push([msg(0), _DuckMessage(1), msg(2)]) == 3
+    batch, view = decode_all(ring)
+    assert ids(batch) == [0, 1, 2]
+    assert [view.key(i) for i in range(3)] == [b"k0", None, b"k2"]
