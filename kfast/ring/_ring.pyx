@@ -410,7 +410,7 @@ cdef class Ring:
         cdef Slot* s
         cdef int32_t flags
         cdef object last_topic = None
-        cdef bint fast, mfast
+        cdef bint fast, mfast, same
         cdef PyObject* ep
         global _MSG_TYPE
         if n == 0:
@@ -432,7 +432,8 @@ cdef class Ring:
         m_headers = tp.headers
         for i in range(n):
             msg = messages[i]
-            mfast = fast and type(msg) is tp
+            same = type(msg) is tp
+            mfast = fast and same
             if mfast:
                 ep = _field_ptr(msg, _OFF_ERROR)
                 if ep != NULL and <object>ep is not None:
@@ -443,13 +444,13 @@ cdef class Ring:
                 topic = _opt(_field_ptr(msg, _OFF_TOPIC))
                 part = _field_i32(msg, _OFF_PART)
             else:
-                err = m_error(msg)
+                err = (m_error(msg) if same else msg.error())
                 if err is not None:
                     if err.code() != -191:    # KafkaError._PARTITION_EOF
                         self.errors.append(err)
                     continue
-                topic = m_topic(msg)
-                part = m_partition(msg)
+                topic = (m_topic(msg) if same else msg.topic())
+                part = (m_partition(msg) if same else msg.partition())
             if part != last_part or topic != last_topic:
                 idx = self.index.get((topic, part))
                 if idx is None:
@@ -467,7 +468,7 @@ cdef class Ring:
             if mfast:
                 off = _field_i64(msg, _OFF_OFFSET)
             else:
-                off = m_offset(msg)
+                off = (m_offset(msg) if same else msg.offset())
             if self.expected[p] >= 0:
                 if off < self.expected[p]:
                     self.dropped_duplicate += 1
@@ -482,8 +483,8 @@ cdef class Ring:
                 key = _opt(_field_ptr(msg, _OFF_KEY))
                 value = _opt(_field_ptr(msg, _OFF_VALUE))
             else:
-                key = m_key(msg)
-                value = m_value(msg)
+                key = (m_key(msg) if same else msg.key())
+                value = (m_value(msg) if same else msg.value())
             flags = 0
             klen = 0
             vlen = 0
@@ -497,7 +498,7 @@ cdef class Ring:
             else:
                 vlen = PyBytes_GET_SIZE(value) if PyBytes_Check(value) else len(value)
             if self.keep_headers:
-                headers = m_headers(msg)
+                headers = (m_headers(msg) if same else msg.headers())
                 if headers:
                     hbytes = _encode_headers(headers)
                     hlen = PyBytes_GET_SIZE(hbytes)
@@ -535,7 +536,7 @@ cdef class Ring:
                 s.timestamp = (_field_i64(msg, _OFF_TS) if _field_i32(msg, _OFF_TSTYPE) != 0
                                else -1)
             else:
-                ts = m_timestamp(msg)
+                ts = (m_timestamp(msg) if same else msg.timestamp())
                 s.timestamp = ts[1] if ts[0] != 0 else -1
             s.aoff = aoff
             s.alen = need
