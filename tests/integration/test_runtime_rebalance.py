@@ -68,3 +68,32 @@ def test_rebalance_churn(kafka_broker, kafka_consumer_config, unique_topic, uniq
     assert set(ids) == set(range(n)), f"lost {n - len(set(ids))} messages"
     dups = len(ids) - len(set(ids))
     print(f"{strategy}: {events} join/leave events, {n} messages, {dups} duplicates")
+
+
+def test_revoke_with_stalled_sink_abandons_and_loses_nothing(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    """A member whose sink is stuck cannot finish its revoked partitions: after
+    revoke_timeout it abandons their rows (not committed), the new owner reads
+    them again, and nothing is lost."""
+    n = 20_000
+    kafka_broker.create_topic(unique_topic, partitions=4)
+    produce_ids(kafka_broker, unique_topic, 0, n, 4)
+    gate = threading.Event()
+    stuck = Recorder(gate=gate)
+    free = Recorder()
+    conf = kafka_consumer_config(unique_group)
+    a = Runner(pipeline(conf, unique_topic, stuck, revoke_timeout=1.0, commit_interval=0.1))
+    wait_until(stuck.writing.is_set, 60, "first write (stuck)")
+    wait_until(lambda: a.pipe.metrics()["ring"]["pushed"] >= n, 60, "ring filled")
+    b = Runner(pipeline(conf, unique_topic, free, commit_interval=0.1))
+    wait_until(lambda: a.pipe.metrics()["rebalances"]["revoke_timeouts"] >= 1, 60, "revoke timeout")
+    wait_until(lambda: free.count() > 0, 60, "new owner delivers")
+    gate.set()
+    wait_until(lambda: len(set(stuck.ids()) | set(free.ids())) >= n, 60, "all ids")
+    m = a.pipe.metrics()
+    a.stop()
+    b.stop()
+    assert set(stuck.ids()) | set(free.ids()) == set(range(n))
+    assert m["ring"]["abandoned"] > 0
+    assert m["rebalances"]["lost"] == 0
