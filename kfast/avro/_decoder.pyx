@@ -798,17 +798,28 @@ cdef int _reserve(Batch out, Program prog, Py_ssize_t n) except -1:
 
 
 cdef class _ErrBuf:
+    """Per-call scratch: failed rows and the row checkpoint (per call, not per
+    decoder, so one decoder can be used from several threads at once)."""
     cdef ErrRec* recs
     cdef Py_ssize_t n
     cdef Py_ssize_t cap
+    cdef Py_ssize_t* saved
 
     def __cinit__(self):
         self.recs = NULL
         self.n = 0
         self.cap = 0
+        self.saved = NULL
 
     def __dealloc__(self):
         free(self.recs)
+        free(self.saved)
+
+    cdef int alloc_saved(self, Py_ssize_t n) except -1:
+        self.saved = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
+        if self.saved == NULL:
+            raise MemoryError()
+        return 0
 
     cdef int push(self, Py_ssize_t index, int code, Ctx* x, const unsigned char* start,
                   int32_t prog) noexcept nogil:
@@ -846,15 +857,6 @@ cdef class AvroDecoder(BaseDecoder):
     cdef readonly Program program
     cdef readonly object schema
     cdef readonly object writer_schema
-    cdef Py_ssize_t* saved
-    cdef Py_ssize_t nsaved
-
-    def __cinit__(self):
-        self.saved = NULL
-        self.nsaved = 0
-
-    def __dealloc__(self):
-        free(self.saved)
 
     def __init__(self, schema, writer_schema=None):
         reader = _schema.parse(schema)
@@ -877,7 +879,7 @@ cdef class AvroDecoder(BaseDecoder):
         cdef bint nomem = False
         cdef _ErrBuf errs = _ErrBuf()
         out.setup(prog.spec, prog.layout, prog.converters)
-        _ensure_saved(&self.saved, &self.nsaved, out.ncols + 1)
+        errs.alloc_saved(out.ncols + 1)
         _reserve(out, prog, n)
         x.ops = prog.ops
         x.ints = prog.ints
@@ -887,7 +889,7 @@ cdef class AvroDecoder(BaseDecoder):
         x.obj_tag = -1
         with nogil:
             for i in range(n):
-                out.begin_row_checkpoint(self.saved)
+                out.begin_row_checkpoint(errs.saved)
                 x.err_at = NULL
                 rc = _decode_one(&x, prog.root, ptrs[i], lens[i])
                 if rc == 0:
@@ -896,7 +898,7 @@ cdef class AvroDecoder(BaseDecoder):
                     else:
                         out.num_rows += 1
                         continue
-                out.rollback(self.saved)
+                out.rollback(errs.saved)
                 if rc == E_NOMEM or errs.push(i, rc, &x, ptrs[i], -1) < 0:
                     nomem = True
                     break
@@ -907,18 +909,6 @@ cdef class AvroDecoder(BaseDecoder):
             out.errors.append(RowError(r.index, prog.reason(r.code, r.op, r.val, r.need, r.pos)))
         out.finish()
         return 0
-
-
-cdef int _ensure_saved(Py_ssize_t** saved, Py_ssize_t* cap, Py_ssize_t need) except -1:
-    cdef Py_ssize_t* p
-    if need <= cap[0]:
-        return 0
-    p = <Py_ssize_t*>realloc(saved[0], need * sizeof(Py_ssize_t))
-    if p == NULL:
-        raise MemoryError()
-    saved[0] = p
-    cap[0] = need
-    return 0
 
 
 cdef struct ProgRef:
@@ -937,16 +927,6 @@ cdef class FramedAvroDecoder(BaseDecoder):
     (unknown id) / ConnectionError (registry unreachable) / another exception
     with a message; every payload of that id then becomes a RowError.
     """
-    cdef Py_ssize_t* saved
-    cdef Py_ssize_t nsaved
-
-    def __cinit__(self):
-        self.saved = NULL
-        self.nsaved = 0
-
-    def __dealloc__(self):
-        free(self.saved)
-
     def _program_for(self, schema_id):
         raise NotImplementedError
 
@@ -1042,12 +1022,12 @@ cdef class FramedAvroDecoder(BaseDecoder):
             )
             out.setup(cols_prog.spec, cols_prog.layout, converters)
             x.obj_tag = 0
-            _ensure_saved(&self.saved, &self.nsaved, out.ncols + 1)
+            errs.alloc_saved(out.ncols + 1)
             _reserve(out, cols_prog, n)
             x.cols = out.cols
             with nogil:
                 for i in range(n):
-                    out.begin_row_checkpoint(self.saved)
+                    out.begin_row_checkpoint(errs.saved)
                     x.err_at = NULL
                     x.err_op = -1
                     x.err_val = ids[i]
@@ -1068,7 +1048,7 @@ cdef class FramedAvroDecoder(BaseDecoder):
                             else:
                                 out.num_rows += 1
                                 continue
-                    out.rollback(self.saved)
+                    out.rollback(errs.saved)
                     if rc == E_NOMEM or errs.push(i, rc, &x, ptrs[i] + 5, slot[i]) < 0:
                         nomem = True
                         break

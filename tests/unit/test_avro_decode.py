@@ -534,3 +534,26 @@ def test_reader_only_defaults_of_every_shape() -> None:
             "rec": {"x": 0.5, "y": "why"}, "u": "first branch", "obj": None, "f": 1.0,
         }
     ]  # fmt: skip
+
+
+def test_one_decoder_from_several_threads() -> None:
+    import threading
+
+    dec = AvroDecoder(ORDER)
+    good = [encode(ORDER, order(i)) for i in range(2000)]
+    payloads = [p if i % 50 else p[:-1] for i, p in enumerate(good)]  # some bad rows
+    expected = dec.decode(payloads).to_pylist()
+    results: list[Any] = []
+
+    def work() -> None:
+        batch = None
+        for _ in range(20):
+            batch = dec.decode(payloads, out=batch)
+        results.append((batch.to_pylist(), len(batch.errors)))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [(expected, 40)] * 4
