@@ -157,7 +157,16 @@ cdef inline int rd_tag(const unsigned char** pp, const unsigned char* end,
 cdef inline int rd_len(const unsigned char** pp, const unsigned char* end,
                        Py_ssize_t* out) noexcept nogil:
     cdef uint64_t v
-    cdef int rc = rd_varint(pp, end, &v)
+    cdef const unsigned char* p = pp[0]
+    cdef int rc
+    if p < end and p[0] < 0x80:
+        # one-byte length: the common case
+        if p[0] > end - p - 1:
+            return E_LENGTH
+        out[0] = p[0]
+        pp[0] = p + 1
+        return 0
+    rc = rd_varint(pp, end, &v)
     if rc:
         return rc
     if v >= 0x7FFFFFFFULL or <Py_ssize_t>v > end - pp[0]:
@@ -368,13 +377,31 @@ cdef inline int pb_fixed(Column* c, const void* v) noexcept nogil:
     return 0
 
 
+cdef inline void copy_small(unsigned char* dst, const unsigned char* src,
+                            Py_ssize_t n) noexcept nogil:
+    """memcpy without a libc call for the short strings ids and names are:
+    two overlapping fixed-size copies cover exactly ``[0, n)``."""
+    if n >= 8 and n <= 16:
+        memcpy(dst, src, 8)
+        memcpy(dst + n - 8, src + n - 8, 8)
+    elif n >= 4 and n < 8:
+        memcpy(dst, src, 4)
+        memcpy(dst + n - 4, src + n - 4, 4)
+    elif n < 4:
+        while n > 0:
+            n -= 1
+            dst[n] = src[n]
+    else:
+        memcpy(dst, src, n)
+
+
 cdef inline int pb_bytes(Column* c, const unsigned char* p, Py_ssize_t n) noexcept nogil:
     if c.nullable and pb_mark(c, True) < 0:
         return -1
     if n:
         if c.values.len + n > c.values.cap and buf_reserve(&c.values, n) < 0:
             return -1
-        memcpy(c.values.data + c.values.len, p, n)
+        copy_small(c.values.data + c.values.len, p, n)
         c.values.len += n
     if pb_offset(c, c.values.len) < 0:
         return -1
