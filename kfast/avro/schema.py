@@ -496,18 +496,37 @@ def encode_default(s: Schema, v: Any) -> bytes:
 
 
 class _ObjectConverter:
-    """Turns the raw bytes of one OBJECT slot into the Python value."""
+    """Turns the raw bytes of one OBJECT slot into the Python value.
 
-    __slots__ = ("reader", "writer")
+    The bytes were validated by the nogil skipper, so fastavro can only fail
+    on a logical conversion (an invalid uuid string, a date out of range...).
+    Such a value comes back as its physical value (fastavro on the schema
+    without logical types) rather than failing the whole batch.
+    """
+
+    __slots__ = ("_plain", "reader", "schemas", "writer")
 
     def __init__(self, writer: Schema, reader: Schema | None) -> None:
         self.writer = fastavro.parse_schema(to_json(writer), _write_hint=False)
         self.reader = None
         if reader is not None and reader is not writer:
             self.reader = fastavro.parse_schema(to_json(reader), _write_hint=False)
+        self.schemas = (writer, reader if reader is not writer else None)
+        self._plain: tuple[Any, Any] | None = None
 
     def __call__(self, raw: bytes) -> Any:
-        return schemaless_reader(io.BytesIO(raw), self.writer, self.reader)
+        try:
+            return schemaless_reader(io.BytesIO(raw), self.writer, self.reader)
+        except (ValueError, ArithmeticError, TypeError):
+            if self._plain is None:
+                w, r = self.schemas
+                self._plain = (
+                    fastavro.parse_schema(to_json(w, strip_logical=True), _write_hint=False),
+                    None
+                    if r is None
+                    else fastavro.parse_schema(to_json(r, strip_logical=True), _write_hint=False),
+                )
+            return schemaless_reader(io.BytesIO(raw), *self._plain)
 
 
 class Compiler:

@@ -557,3 +557,17 @@ def test_one_decoder_from_several_threads() -> None:
     for t in threads:
         t.join()
     assert results == [(expected, 40)] * 4
+
+
+def test_object_value_fastavro_cannot_convert_does_not_fail_the_batch() -> None:
+    # a uuid string that is not a UUID, inside a general union (OBJECT column)
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {"name": "u", "type": ["null", "int", {"type": "string", "logicalType": "uuid"}]}
+        ],
+    }
+    payload = zigzag(2) + zigzag(3) + b"xyz"
+    batch = AvroDecoder(schema).decode([payload, zigzag(1) + zigzag(4)])
+    assert batch.to_pylist() == [{"u": "xyz"}, {"u": 4}]
