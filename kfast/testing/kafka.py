@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -179,7 +180,7 @@ def fetch_kafka(
                 text=True,
             )
             if proc.returncode != 0:
-                out = (proc.stdout or "")[-4000:]
+                out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout or "")[-4000:]
                 raise KafkaStartError(
                     f"`{' '.join(cmd)}` failed with exit code {proc.returncode} while fetching "
                     f"Apache Kafka {version} from Maven Central:\n{out}"
@@ -886,8 +887,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "fetch":
         t0 = time.monotonic()
-        path = fetch_kafka(quiet=False)
+        if not is_complete(jar_dir()):
+            print(
+                f"Fetching Apache Kafka {KAFKA_VERSION} with mvn into {jar_dir()} ...", flush=True
+            )
+        path = fetch_kafka()
         print(f"Apache Kafka {KAFKA_VERSION} jars in {path} ({time.monotonic() - t0:.1f} s)")
+        java = shutil.which("java")
+        if not args.no_cds and cds_enabled() and java and not cds_archive_path(path, java).exists():
+            print("Recording the JVM class-data-sharing archive (one broker run) ...", flush=True)
         if not args.no_cds:
             t1 = time.monotonic()
             archive = prepare_cds_archive(path)
