@@ -144,3 +144,13 @@ def test_breaker_matches_a_per_message_reference() -> None:
         ds = set(dead)
         ref.extend(1 if i in ds else 0 for i in range(n))
         assert b._dead_in_window == sum(ref)
+
+
+def test_kfast_replay_cli_is_wired(capsys: pytest.CaptureFixture[str]) -> None:
+    from kfast import cli
+
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["replay", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert "--error-class" in out and "--to" in out and "--max-in-flight" in out
