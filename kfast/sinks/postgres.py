@@ -393,16 +393,27 @@ class PostgresSink:
             return conn
         self._drop(i)
         try:
-            conn = psycopg.connect(
-                self.dsn,
-                autocommit=False,
-                connect_timeout=max(1, int(self.connect_timeout)),
-                application_name="kfast",
-            )
+            conn = psycopg.connect(self.dsn, autocommit=False, **self._conn_params())
         except psycopg.Error as exc:
             raise classify(exc) from exc
         self._conns[i] = conn
         return conn
+
+    def _conn_params(self) -> dict[str, Any]:
+        """libpq settings kfast needs, unless the DSN sets them: a bounded connect, TCP
+        keepalives and a TCP user timeout, so a silently dead server surfaces as a
+        (transient) connection error instead of a write that blocks forever."""
+        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        wanted: dict[str, Any] = {
+            "connect_timeout": max(1, int(self.connect_timeout)),
+            "application_name": "kfast",
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 60_000,
+        }
+        return {k: v for k, v in wanted.items() if k not in given}
 
     def _drop(self, i: int) -> None:
         conn = self._conns[i]
@@ -978,9 +989,7 @@ class PostgresSink:
     def stored_offsets(self, group_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         """``{(topic, partition): next_offset}`` stored by exactly_once writes."""
         try:
-            with psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
-            ) as conn:
+            with psycopg.connect(self.dsn, autocommit=True, **self._conn_params()) as conn:
                 exists = conn.execute("SELECT to_regclass(%s)", (self.offsets_table,)).fetchone()
                 if exists is None or exists[0] is None:
                     return {}
