@@ -217,7 +217,22 @@ def cds_archive_path(jars: Path, java: str) -> Path:
 
 
 def cds_enabled() -> bool:
+    """Use (and record) the archive unless ``KFAST_KAFKA_CDS`` is 0/false/no/off."""
     return os.environ.get(ENV_CDS, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cds_record_at_exit() -> bool:
+    """Whether a broker started without an archive should record one when it stops.
+
+    Recording costs about 10 s once (the JVM writes ~50 MB at exit) and pays off from the third
+    or so session on a machine.  CI runners usually start fresh and run one session, so there
+    (``CI`` set) it is left to ``fetch --cds`` or ``KFAST_KAFKA_CDS=1``.
+    """
+    if not cds_enabled():
+        return False
+    if os.environ.get(ENV_CDS, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return not os.environ.get("CI")
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +407,7 @@ class KafkaBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
         self._cds_target: Path | None = None
+        self._force_cds = False
         self._producer: Any = None
         self._admin: Any = None
         self.timings: dict[str, float] = {}
@@ -509,7 +525,7 @@ class KafkaBroker:
         archive = cds_archive_path(self._jars, java)
         if archive.is_file():
             return [f"-XX:SharedArchiveFile={archive}", "-Xshare:auto"]
-        if record and self._cds_target is None:
+        if record and self._cds_target is None and (self._force_cds or cds_record_at_exit()):
             # Only the broker records (its run loads every class); stop() publishes it.
             self._cds_target = archive
             return [f"-XX:ArchiveClassesAtExit={self.tmp_dir / 'kafka.jsa'}"]
@@ -845,7 +861,9 @@ def prepare_cds_archive(jars: Path | None = None) -> Path | None:
     archive = cds_archive_path(jars, java)
     if archive.is_file():
         return archive
-    with KafkaBroker(bootstrap="", jars=jars) as broker:
+    broker = KafkaBroker(bootstrap="", jars=jars)
+    broker._force_cds = True
+    with broker:
         from confluent_kafka import Consumer
 
         # Exercise produce, fetch and group coordination so their classes get archived too.
@@ -875,11 +893,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         description="Fetch Apache Kafka's jars or run a throwaway broker.",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    fetch = sub.add_parser("fetch", help="download the broker jars into the cache")
+    fetch = sub.add_parser("fetch", help="download the broker jars into the cache (no broker)")
     fetch.add_argument(
-        "--no-cds",
+        "--cds",
         action="store_true",
-        help="skip recording the JVM class-data-sharing archive (a short broker run)",
+        help="also record the JVM class-data-sharing archive now (a short broker run)",
     )
     run = sub.add_parser("run", help="run a broker in the foreground until Ctrl-C")
     run.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
@@ -894,9 +912,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         path = fetch_kafka()
         print(f"Apache Kafka {KAFKA_VERSION} jars in {path} ({time.monotonic() - t0:.1f} s)")
         java = shutil.which("java")
-        if not args.no_cds and cds_enabled() and java and not cds_archive_path(path, java).exists():
+        if args.cds and cds_enabled() and java and not cds_archive_path(path, java).exists():
             print("Recording the JVM class-data-sharing archive (one broker run) ...", flush=True)
-        if not args.no_cds:
+        if args.cds:
             t1 = time.monotonic()
             archive = prepare_cds_archive(path)
             if archive is not None:

@@ -422,6 +422,18 @@ def test_cds_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not kafka.cds_enabled()
 
 
+def test_cds_recording_skipped_on_ci_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KFAST_KAFKA_CDS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert kafka.cds_record_at_exit()
+    monkeypatch.setenv("CI", "true")
+    assert not kafka.cds_record_at_exit()
+    monkeypatch.setenv("KFAST_KAFKA_CDS", "1")
+    assert kafka.cds_record_at_exit()
+    monkeypatch.setenv("KFAST_KAFKA_CDS", "0")
+    assert not kafka.cds_record_at_exit()
+
+
 def test_empty_bootstrap_forces_own_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KFAST_TEST_BOOTSTRAP", "10.0.0.1:9092")
     assert not kafka.KafkaBroker(bootstrap="").external
