@@ -71,6 +71,9 @@ cdef enum Op:
     OP_PRE = 20          # pre-encoded bytes supplied by Python (jsonb slow path)
     OP_ROWNUM = 21       # int8 row number (upsert staging: last row wins)
     OP_JSONB_STR = 22    # BINARY holding JSON text -> jsonb
+    OP_U32_INT8 = 23     # INT32 holding a uint32 -> int8
+    OP_U64_INT8 = 24     # INT64 holding a uint64 -> int8 (values > 2^63-1 are an error)
+    OP_U64_NUMERIC = 25  # INT64 holding a uint64 -> numeric
 
 OPS = {
     "bool": OP_BOOL, "int4": OP_INT4, "int8_i32": OP_INT8_I32, "int8": OP_INT8,
@@ -79,16 +82,19 @@ OPS = {
     "date": OP_DATE, "time_ms": OP_TIME_MS, "time_us": OP_TIME_US,
     "ts_ms": OP_TS_MS, "ts_us": OP_TS_US, "ts_ns": OP_TS_NS,
     "array": OP_ARRAY, "map_jsonb": OP_MAP_JSONB, "pre": OP_PRE, "rownum": OP_ROWNUM,
-    "jsonb_str": OP_JSONB_STR,
+    "jsonb_str": OP_JSONB_STR, "u32_int8": OP_U32_INT8, "u64_int8": OP_U64_INT8,
+    "u64_numeric": OP_U64_NUMERIC,
 }
 
 # Column kind each scalar op reads (0: not a scalar op).
 cdef int _op_kind(int op) noexcept nogil:
     if op == OP_BOOL:
         return COL_BOOL
-    if op == OP_INT4 or op == OP_INT8_I32 or op == OP_ENUM or op == OP_DATE or op == OP_TIME_MS:
+    if op == OP_INT4 or op == OP_INT8_I32 or op == OP_ENUM or op == OP_DATE or op == OP_TIME_MS \
+            or op == OP_U32_INT8:
         return COL_INT32
-    if op == OP_INT8 or op == OP_TIME_US or op == OP_TS_MS or op == OP_TS_US or op == OP_TS_NS:
+    if op == OP_INT8 or op == OP_TIME_US or op == OP_TS_MS or op == OP_TS_US or op == OP_TS_NS \
+            or op == OP_U64_INT8 or op == OP_U64_NUMERIC:
         return COL_INT64
     if op == OP_FLOAT4 or op == OP_FLOAT8_F32:
         return COL_FLOAT32
@@ -108,6 +114,7 @@ cdef enum Status:
     ST_BAD_UUID = -3
     ST_BAD_ENUM = -4
     ST_BAD_SHAPE = -5
+    ST_OUT_OF_RANGE = -6
 
 cdef int MAX_VALID = 8
 
@@ -129,7 +136,8 @@ cdef struct FieldPlan:
     int pre_slot        # OP_PRE: which pre-encoded slot
     # enum symbols (scalar, array element or map value)
     int nsym
-    const char** sym_ptr
+    int sym_base        # enum number of sym_ptr[0] (protobuf enums may be negative)
+    const char** sym_ptr  # NULL entry: a number without a symbol (written as its digits)
     int32_t* sym_len
 
 
@@ -290,6 +298,43 @@ cdef int _put_numeric(GrowBuf* o, const unsigned char* p, Py_ssize_t n, int scal
     return ST_OK
 
 
+cdef int _put_numeric_u64(GrowBuf* o, uint64_t v) noexcept nogil:
+    cdef uint16_t digits[5]
+    cdef int n = 0, k
+    cdef unsigned char* w
+    while v:
+        digits[n] = <uint16_t>(v % 10000)
+        v //= 10000
+        n += 1
+    k = 0
+    while k < n and digits[k] == 0:   # trailing (least significant) zero groups
+        k += 1
+    if _reserve(o, 12 + 2 * (n - k)) < 0:
+        return ST_NOMEM
+    w = o.data + o.len
+    _w32(w, <uint32_t>(8 + 2 * (n - k)))
+    _w16(w + 4, <uint16_t>(n - k))
+    _w16(w + 6, <uint16_t>(n - 1 if n else 0))
+    _w16(w + 8, 0)
+    _w16(w + 10, 0)
+    w += 12
+    while n > k:
+        n -= 1
+        _w16(w, digits[n])
+        w += 2
+    o.len = w - o.data
+    return ST_OK
+
+
+cdef inline const char* _enum_symbol(FieldPlan* f, int32_t number, int32_t* length) noexcept nogil:
+    """The symbol of an enum number, or NULL when it has none (open protobuf enums)."""
+    cdef int64_t k = <int64_t>number - f.sym_base
+    if k < 0 or k >= f.nsym or f.sym_ptr[k] == NULL:
+        return NULL
+    length[0] = f.sym_len[k]
+    return f.sym_ptr[k]
+
+
 # ------------------------------------------------------------ uuid
 
 cdef inline int _hexval(unsigned char ch) noexcept nogil:
@@ -394,6 +439,8 @@ cdef int _json_double(GrowBuf* o, double v, bint single) noexcept nogil:
 cdef int _json_scalar(GrowBuf* o, FieldPlan* f, int op, Column* c, Py_ssize_t i) noexcept nogil:
     cdef char tmp[32]
     cdef int k
+    cdef const char* sym
+    cdef int32_t slen = 0
     cdef int32_t* offs
     cdef int32_t idx
     if not col_is_valid(c, i):
@@ -417,9 +464,17 @@ cdef int _json_scalar(GrowBuf* o, FieldPlan* f, int op, Column* c, Py_ssize_t i)
         return _json_str(o, c.values.data + offs[i], offs[i + 1] - offs[i])
     if op == OP_ENUM:
         idx = (<int32_t*>c.values.data)[i]
-        if idx < 0 or idx >= f.nsym:
-            return ST_BAD_ENUM
-        return _json_str(o, <const unsigned char*>f.sym_ptr[idx], f.sym_len[idx])
+        sym = _enum_symbol(f, idx, &slen)
+        if sym == NULL:   # no symbol: the number, as to_pylist gives it
+            k = snprintf(tmp, 32, "%d", idx)
+            return _put_raw(o, tmp, k)
+        return _json_str(o, <const unsigned char*>sym, slen)
+    if op == OP_U32_INT8:
+        k = snprintf(tmp, 32, "%u", <uint32_t>(<int32_t*>c.values.data)[i])
+        return _put_raw(o, tmp, k)
+    if op == OP_U64_INT8 or op == OP_U64_NUMERIC:
+        k = snprintf(tmp, 32, "%llu", <unsigned long long>(<uint64_t*>c.values.data)[i])
+        return _put_raw(o, tmp, k)
     return ST_BAD_SHAPE
 
 
@@ -434,6 +489,9 @@ cdef int _put_scalar(GrowBuf* o, FieldPlan* f, int op, Column* c, Py_ssize_t i) 
     cdef double f8
     cdef uint32_t u32
     cdef uint64_t u64
+    cdef const char* sym
+    cdef int32_t slen = 0
+    cdef char tmp[16]
     if not col_is_valid(c, i):
         return _put_i32(o, -1)
     if op == OP_INT4:
@@ -474,11 +532,22 @@ cdef int _put_scalar(GrowBuf* o, FieldPlan* f, int op, Column* c, Py_ssize_t i) 
         return _put_len_u64(o, 8, u64)
     if op == OP_ENUM:
         idx = (<int32_t*>c.values.data)[i]
-        if idx < 0 or idx >= f.nsym:
-            return ST_BAD_ENUM
-        if _put_i32(o, f.sym_len[idx]) < 0:
+        sym = _enum_symbol(f, idx, &slen)
+        if sym == NULL:   # no symbol: its number as text
+            slen = snprintf(tmp, 32, "%d", idx)
+            sym = tmp
+        if _put_i32(o, slen) < 0:
             return ST_NOMEM
-        return _put_raw(o, f.sym_ptr[idx], f.sym_len[idx])
+        return _put_raw(o, sym, slen)
+    if op == OP_U32_INT8:
+        return _put_len_u64(o, 8, <uint64_t>(<uint32_t>(<int32_t*>c.values.data)[i]))
+    if op == OP_U64_INT8:
+        u64 = (<uint64_t*>c.values.data)[i]
+        if u64 > <uint64_t>0x7FFFFFFFFFFFFFFF:
+            return ST_OUT_OF_RANGE
+        return _put_len_u64(o, 8, u64)
+    if op == OP_U64_NUMERIC:
+        return _put_numeric_u64(o, (<uint64_t*>c.values.data)[i])
     if op == OP_NUMERIC:
         offs = <int32_t*>c.offsets.data
         return _put_numeric(o, c.values.data + offs[i], offs[i + 1] - offs[i], f.scale)
@@ -638,16 +707,26 @@ cdef class CopyEncoder:
                 self.npre += 1
             symbols = entry.get("symbols")
             if symbols:
-                syms = [s.encode() if isinstance(s, str) else bytes(s) for s in symbols]
+                # A sequence (Avro: index -> symbol) or a dict (protobuf: number -> name).
+                table = dict(symbols) if isinstance(symbols, dict) else dict(enumerate(symbols))
+                base = min(0, min(table))
+                size = max(table) - base + 1
+                if size > 65536:
+                    raise ValueError(f"enum numbers span {size} values (at most 65536 supported)")
+                syms = [None] * size
+                for number, name in table.items():
+                    syms[number - base] = name.encode() if isinstance(name, str) else bytes(name)
                 self._keep.append(syms)
-                f.nsym = len(syms)
-                f.sym_ptr = <const char**>malloc(f.nsym * sizeof(char*))
-                f.sym_len = <int32_t*>malloc(f.nsym * sizeof(int32_t))
+                f.nsym = size
+                f.sym_base = base
+                f.sym_ptr = <const char**>calloc(size, sizeof(char*))
+                f.sym_len = <int32_t*>calloc(size, sizeof(int32_t))
                 if f.sym_ptr == NULL or f.sym_len == NULL:
                     raise MemoryError()
-                for v in range(f.nsym):
-                    f.sym_ptr[v] = PyBytes_AS_STRING(syms[v])
-                    f.sym_len[v] = <int32_t>PyBytes_GET_SIZE(syms[v])
+                for v in range(size):
+                    if syms[v] is not None:
+                        f.sym_ptr[v] = PyBytes_AS_STRING(syms[v])
+                        f.sym_len[v] = <int32_t>PyBytes_GET_SIZE(syms[v])
         self.pre = <PreSlot*>calloc(max(self.npre, 1), sizeof(PreSlot))
         if self.pre == NULL:
             raise MemoryError()
@@ -846,6 +925,7 @@ cdef class CopyEncoder:
             ST_BAD_DECIMAL: "decimal too large for the encoder (over 64 bytes) or bad scale",
             ST_BAD_UUID: "not a UUID (36-char text or 16 bytes)",
             ST_BAD_ENUM: "enum symbol index out of range",
+            ST_OUT_OF_RANGE: "uint64 value above 2^63-1 does not fit bigint (use a numeric column)",
             ST_BAD_SHAPE: "malformed list/map offsets",
         }.get(rc, f"status {rc}")
         raise EncodeError(err_row, k, reason)

@@ -140,6 +140,8 @@ _LTS = ("timestamp", "timestamptz")
 _SCALAR: dict[tuple[str, str], dict[str, str]] = {
     ("int", "INT32"): {"int4": "int4", "int8": "int8_i32"},
     ("int", "INT64"): {"int8": "int8"},
+    ("uint32", "INT32"): {"int8": "u32_int8"},
+    ("uint64", "INT64"): {"numeric": "u64_numeric", "int8": "u64_int8"},
     ("float", "FLOAT32"): {"float4": "float4", "float8": "float8_f32"},
     ("float", "FLOAT64"): {"float8": "float8"},
     ("bool", "BOOL"): {"bool": "bool"},
@@ -159,6 +161,8 @@ _SCALAR: dict[tuple[str, str], dict[str, str]] = {
     ("local-timestamp-nanos", "INT64"): {t: "ts_ns" for t in _LTS},
 }
 _JSON_SCALAR_OPS = {
+    "u32_int8",
+    "u64_numeric",
     "int4",
     "int8_i32",
     "int8",
@@ -664,6 +668,8 @@ class PostgresSink:
             ("bool", "BOOL"): "bool",
             ("str", "BINARY"): "bytes",
             ("enum", "INT32"): "enum",
+            ("uint32", "INT32"): "u32_int8",
+            ("uint64", "INT64"): "u64_numeric",
         }.get((node.conv, kind), "")
 
     def _fast_map(self, node: MapNode, kinds: Sequence[int]) -> bool:
@@ -733,7 +739,12 @@ class PostgresSink:
                 self.group_id = ctx.group_id
             self.open(None)
         plan = self._build_plan(batch)
-        self._encoders = [CopyEncoder(self._encoder_entries(plan)) for _ in range(self.connections)]
+        try:
+            self._encoders = [
+                CopyEncoder(self._encoder_entries(plan)) for _ in range(self.connections)
+            ]
+        except ValueError as exc:
+            raise ConfigError(f"PostgresSink: cannot encode this layout: {exc}") from exc
         self._plan = plan
         self._plan_layout = layout
         self._staged.clear()
