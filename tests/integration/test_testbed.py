@@ -278,3 +278,21 @@ def test_postgres_kill_keeps_acknowledged_commits(pg_server: PostgresServer) -> 
     with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM testbed_crash").fetchone() == (500,)
         conn.execute("DROP TABLE testbed_crash")
+
+
+def test_create_delete_topic_and_topic_config(kafka_broker: KafkaBroker, unique_topic: str) -> None:
+    from confluent_kafka.admin import ConfigResource
+
+    kafka_broker.create_topic(unique_topic, partitions=3, config={"cleanup.policy": "compact"})
+    admin = kafka_broker.admin()
+    md = admin.list_topics(topic=unique_topic, timeout=10).topics[unique_topic]
+    assert sorted(md.partitions) == [0, 1, 2]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, unique_topic)
+    configs = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert configs["cleanup.policy"].value == "compact"
+
+    kafka_broker.delete_topic(unique_topic)
+    assert unique_topic not in admin.list_topics(timeout=10).topics
+    # The name can be used again right away (deletion is complete, not just requested).
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    assert kafka_broker.produce(unique_topic, [b"again"]) == 1
