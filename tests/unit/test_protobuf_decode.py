@@ -439,3 +439,21 @@ def test_object_fallback_everywhere(cls) -> None:
         check_decoded(cls, dec, blobs)
 
     run()
+
+
+@pytest.mark.parametrize("cls", [pb3.Everything, pb2.P2], ids=lambda c: c.DESCRIPTOR.name)
+def test_slice_of_nested_layouts(cls) -> None:
+    """Batch.slice (used by bisection) on list<struct<list>> layouts."""
+
+    @SETTINGS
+    @given(st.lists(payloads(cls.DESCRIPTOR), min_size=1, max_size=6), st.data())
+    def run(blobs: list[bytes], data) -> None:
+        batch = decoder(cls).decode(blobs)
+        rows = batch.to_pylist()
+        a = data.draw(st.integers(0, batch.num_rows))
+        b = data.draw(st.integers(a, batch.num_rows))
+        part = batch.slice(a, b)
+        assert normalize(part.to_pylist()) == normalize(rows[a:b])
+        assert list(part.source_indices) == list(batch.source_indices)[a:b]
+
+    run()
