@@ -34,7 +34,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from kfast.errors import ConfigError, DecodeError, KfastError
+from kfast.errors import ConfigError, DecodeError, KfastError, TransientSinkError
 from kfast.memory import MemoryPlan, plan_memory
 from kfast.offsets import OffsetTracker
 from kfast.policies import BatchPolicy, BufferPolicy, parse_duration
@@ -251,6 +251,7 @@ class Pipeline:
         self._delivery_metrics: Any = None
         self._paused = False
         self._assignment_changed = False
+        self._paused_partitions = 0
         self._closing = False
         self._read = 0
         self._metrics_server: Any = None
@@ -344,7 +345,9 @@ class Pipeline:
             if self._assignment_changed:
                 self._assignment_changed = False
                 if self._paused:
-                    src.pause(src.assignment())
+                    assignment = src.assignment()
+                    src.pause(assignment)
+                    self._paused_partitions = len(assignment)
             fill = ring.fill()
             if not self._paused:
                 if fill >= pause_at or ring.rewinds():
@@ -368,6 +371,7 @@ class Pipeline:
         assignment = self._source.assignment()
         self._source.pause(assignment)
         self._paused = True
+        self._paused_partitions = len(assignment)
         self._stats.pauses += 1
         log.debug(
             "ring %.0f%% full: paused %d partitions", self._ring.fill() * 100, len(assignment)
@@ -377,6 +381,7 @@ class Pipeline:
         src = self._source
         src.resume(src.assignment())
         self._paused = False
+        self._paused_partitions = 0
         self._stats.resumes += 1
         self._seek_rewinds()
 
@@ -427,13 +432,37 @@ class Pipeline:
             return
 
     # -------------------------------------------------------- rebalance hooks
-    def _on_assign(self, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """Register new partitions; return start offsets a sink stores itself (exactly-once)."""
         self._stats.assigns += 1
         for tp in partitions:
             index = self._ring.assign(tp.topic, tp.partition)
             self._tracker.assign(index, tp.topic, tp.partition, self._ring.generation(index))
         self._assignment_changed = True
         log.info("assigned %d partitions", len(partitions))
+        if not getattr(self.sink, "stores_offsets", False) or not partitions:
+            return {}
+        return self._stored_offsets(partitions)
+
+    def _stored_offsets(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """Offsets the sink committed with the rows (``PostgresSink(mode="exactly_once")``).
+
+        Starting anywhere else would write rows twice, so when the sink cannot
+        answer (after a few tries) the error stops the pipeline.
+        """
+        last: BaseException | None = None
+        for delay in (0.0, 0.5, 1.0, 2.0):
+            if delay:
+                time.sleep(delay)
+            try:
+                stored = self.sink.stored_offsets(self.group_id, list(self.topics))
+            except TransientSinkError as e:
+                last = e
+                continue
+            wanted = {(tp.topic, tp.partition) for tp in partitions}
+            return {tp: int(off) for tp, off in stored.items() if tp in wanted}
+        assert last is not None
+        raise last
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Finish the revoked partitions' in-flight messages (bounded), commit, release."""
@@ -729,9 +758,9 @@ class Pipeline:
             "latency_s": lat,
             "consumer_lag": dict(src.lag) if src is not None else {},
             "paused": self._paused,
-            "paused_partitions": len(src.assignment())
-            if (src is not None and self._paused and self._running)
-            else 0,
+            # counted by the poll thread: metrics() never calls the consumer
+            # (a consumer call from another thread can wait behind consume())
+            "paused_partitions": self._paused_partitions if self._paused else 0,
             "pauses": s.pauses,
             "resumes": s.resumes,
             "seeks": s.seeks,

@@ -34,6 +34,7 @@ FORCED_FALSE = ("enable.auto.commit", "enable.auto.offset.store")
 _CALLBACK_KEYS = ("on_commit", "stats_cb", "error_cb", "throttle_cb", "logger", "oauth_cb")
 
 RebalanceCb = Callable[[list[TopicPartition]], None]
+AssignCb = Callable[[list[TopicPartition]], "dict[tuple[str, int], int] | None"]
 
 
 def _is_true(v: Any) -> bool:
@@ -76,7 +77,7 @@ class Source:
         topics: Sequence[str],
         *,
         plan_settings: dict[str, str] | None = None,
-        on_assign: RebalanceCb,
+        on_assign: AssignCb,
         on_revoke: RebalanceCb,
         on_lost: RebalanceCb,
     ) -> None:
@@ -88,6 +89,7 @@ class Source:
         conf["on_commit"] = self._on_commit
         conf["error_cb"] = self._on_error
         self.config = {k: v for k, v in conf.items() if k not in _CALLBACK_KEYS}
+        self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self.topics = list(topics)
         self._on_assign = on_assign
         self._on_revoke = on_revoke
@@ -111,7 +113,19 @@ class Source:
         )
 
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._on_assign(partitions)
+        """``on_assign`` may return start offsets (kept by the sink, exactly-once):
+        the partitions are then assigned here, starting there."""
+        offsets = self._on_assign(partitions)
+        if not offsets:
+            return  # confluent_kafka assigns them from the committed offsets
+        for tp in partitions:
+            start = offsets.get((tp.topic, tp.partition))
+            if start is not None:
+                tp.offset = start
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._on_revoke(partitions)
