@@ -320,7 +320,9 @@ class DeadLetterQueue:
 
                 return cb
 
-            for rec in pending:
+            refused: list[DeadLetter] = []
+            refusal: BaseException | None = None
+            for n, rec in enumerate(pending):
                 while True:
                     try:
                         producer.produce(
@@ -333,6 +335,12 @@ class DeadLetterQueue:
                         break
                     except BufferError:
                         producer.poll(0.05)
+                    except Exception as exc:  # KafkaException: unknown topic, fatal producer
+                        refused = list(pending[n:])
+                        refusal = exc
+                        break
+                if refusal is not None:
+                    break
             # message.timeout.ms bounds every delivery report; wait a bit longer.
             left = producer.flush(timeout + 10.0)
             if left:
@@ -340,6 +348,8 @@ class DeadLetterQueue:
                     f"DLQ producer still has {left} undelivered records after {timeout + 10:.0f}s "
                     "(message.timeout.ms did not fire); stopping without committing"
                 )
+            if refused:
+                failed.extend((rec, refusal) for rec in refused)
             if failed:
                 pending = [rec for rec, _ in failed]
                 raise DeadLetterUnavailable(

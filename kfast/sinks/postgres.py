@@ -383,6 +383,12 @@ class PostgresSink:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._opened = False
+        self.fenced_rows = 0  # exactly_once: rows skipped because their offset was already stored
+
+    @property
+    def stores_offsets(self) -> bool:
+        """True in exactly_once mode: writes store ``batch.context.next_offsets``."""
+        return self.mode == "exactly_once"
 
     def __repr__(self) -> str:
         return (
@@ -782,18 +788,12 @@ class PostgresSink:
                 elif self.mode == "upsert":
                     self._upsert(conn, batch, plan, pre)
                 else:
+                    ranges = self._fence(conn, batch)
                     if self.key:
-                        self._upsert(conn, batch, plan, pre)
-                    elif batch.num_rows:
-                        self._copy(
-                            conn,
-                            self._encoders[0],
-                            batch,
-                            plan,
-                            pre,
-                            0,
-                            batch.num_rows,
-                            self._copy_sql(plan),
+                        self._upsert(conn, batch, plan, pre, ranges)
+                    elif ranges:
+                        self._copy_ranges(
+                            conn, self._encoders[0], batch, plan, pre, ranges, self._copy_sql(plan)
                         )
                     self._store_offsets(conn, batch)
                 conn.commit()
@@ -857,22 +857,102 @@ class PostgresSink:
         stop: int,
         stmt: sql.Composed,
     ) -> None:
+        self._copy_ranges(conn, enc, batch, plan, pre, [(start, stop)], stmt)
+
+    def _copy_ranges(
+        self,
+        conn: psycopg.Connection[Any],
+        enc: CopyEncoder,
+        batch: Batch,
+        plan: Plan,
+        pre: list[list[bytes | None]],
+        ranges: Sequence[tuple[int, int]],
+        stmt: sql.Composed,
+    ) -> None:
+        """One COPY of rows ``[a, b)`` for each range, streamed in ``chunk_bytes`` pieces."""
         for slot, values in enumerate(pre):
             enc.bind_pre(slot, values, 0)
         enc.clear()
         enc.header()
         with conn.cursor() as cur, cur.copy(stmt) as cp:
-            row = start
-            while True:
-                if row < stop:
+            for start, stop in ranges:
+                row = start
+                while row < stop:
                     row = enc.encode(batch, row, stop, self.chunk_bytes)
-                if row >= stop:
-                    enc.trailer()
-                with memoryview(enc) as mv:
-                    cp.write(mv)
-                enc.clear()
-                if row >= stop:
+                    if len(enc) >= self.chunk_bytes:
+                        with memoryview(enc) as mv:
+                            cp.write(mv)
+                        enc.clear()
+            enc.trailer()
+            with memoryview(enc) as mv:
+                cp.write(mv)
+            enc.clear()
+
+    def _fence(self, conn: psycopg.Connection[Any], batch: Batch) -> list[tuple[int, int]]:
+        """exactly_once: lock this batch's partitions in ``kfast_offsets`` and return the row
+        ranges not yet covered by the stored offsets.
+
+        After a crash the runtime may re-deliver messages whose rows were already committed
+        here (the Kafka commit lags the PostgreSQL one), and a fenced-out consumer may still
+        deliver a stale batch after a rebalance. Rows whose offset is below the stored
+        ``next_offset`` of their partition are skipped, inside the same transaction that
+        holds the row locks, so each offset's row is committed once. The per-row scan stops
+        as soon as every partition's first row is known, unless some rows must be skipped.
+        """
+        ctx = getattr(batch, "context", None)
+        if ctx is None or not ctx.next_offsets or batch.num_rows == 0:
+            return [(0, batch.num_rows)] if batch.num_rows else []
+        group = ctx.group_id or self.group_id
+        tps = sorted(ctx.next_offsets)
+        table = sql.Identifier(*self.offsets_table.split("."))
+        # Make sure the rows exist so that FOR UPDATE locks them (first batch of a partition).
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} (group_id, topic, partition, next_offset) "
+                    "SELECT %s, t, p, 0 FROM unnest(%s::text[], %s::int4[]) AS u(t, p) "
+                    "ON CONFLICT (group_id, topic, partition) DO NOTHING"
+                ).format(table),
+                (group, [t for t, _ in tps], [p for _, p in tps]),
+            )
+            rows = cur.execute(
+                sql.SQL(
+                    "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
+                    "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int4[])) "
+                    "ORDER BY topic, partition FOR UPDATE"
+                ).format(table),
+                (group, [t for t, _ in tps], [p for _, p in tps]),
+            ).fetchall()
+        stored = {(t, int(p)): int(o) for t, p, o in rows if int(o) > 0}
+        if not stored:
+            return [(0, batch.num_rows)]
+        recs = ctx.records
+        src = memoryview(batch.source_indices)
+        first: dict[tuple[str, int], int] = {}
+        want = set(ctx.next_offsets)
+        for row in range(batch.num_rows):
+            j = src[row]
+            tp = (recs.topic(j), recs.partition(j))
+            if tp not in first:
+                first[tp] = recs.offset(j)
+                if len(first) == len(want):
                     break
+        if all(first.get(tp, stored[tp]) >= off for tp, off in stored.items()):
+            return [(0, batch.num_rows)]
+        ranges: list[tuple[int, int]] = []
+        start = -1
+        for row in range(batch.num_rows):
+            j = src[row]
+            keep = recs.offset(j) >= stored.get((recs.topic(j), recs.partition(j)), 0)
+            if keep and start < 0:
+                start = row
+            elif not keep and start >= 0:
+                ranges.append((start, row))
+                start = -1
+        if start >= 0:
+            ranges.append((start, batch.num_rows))
+        self.fenced_rows += batch.num_rows - sum(b - a for a, b in ranges)
+        return ranges
 
     def _ensure_stage(self, conn: psycopg.Connection[Any], plan: Plan) -> None:
         if id(conn) in self._staged:
@@ -889,21 +969,21 @@ class PostgresSink:
         self._staged.add(id(conn))
 
     def _upsert(
-        self, conn: psycopg.Connection[Any], batch: Batch, plan: Plan, pre: list[list[bytes | None]]
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        plan: Plan,
+        pre: list[list[bytes | None]],
+        ranges: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self._ensure_stage(conn, plan)
-        if batch.num_rows == 0:
+        if ranges is None:
+            ranges = [(0, batch.num_rows)] if batch.num_rows else []
+        if not ranges:
             return
         stage = sql.Identifier("pg_temp", "kfast_stage")
-        self._copy(
-            conn,
-            self._encoders[0],
-            batch,
-            plan,
-            pre,
-            0,
-            batch.num_rows,
-            self._copy_sql(plan, stage, True),
+        self._copy_ranges(
+            conn, self._encoders[0], batch, plan, pre, ranges, self._copy_sql(plan, stage, True)
         )
         keys = sql.SQL(", ").join(map(sql.Identifier, self.key))
         cols = sql.SQL(", ").join(map(sql.Identifier, plan.columns))
@@ -938,9 +1018,10 @@ class PostgresSink:
         with conn.cursor() as cur:
             cur.executemany(
                 sql.SQL(
-                    "INSERT INTO {} (group_id, topic, partition, next_offset) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT (group_id, topic, partition) DO UPDATE "
-                    "SET next_offset = EXCLUDED.next_offset, updated_at = now()"
+                    "INSERT INTO {} AS o (group_id, topic, partition, next_offset) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (group_id, topic, partition) DO UPDATE "
+                    "SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), "
+                    "updated_at = now()"
                 ).format(sql.Identifier(*self.offsets_table.split("."))),
                 rows,
             )

@@ -199,6 +199,18 @@ def test_transient_errors_are_retried_then_exhausted(kafka_broker: Any) -> None:
     assert ei.value.attempts == 3
 
 
+def test_dlq_topic_missing_retries_then_raises(kafka_broker: Any, unique_topic: str) -> None:
+    """The DLQ producer refuses the topic (not created, auto-create off): retried, then raised."""
+    ok = CallableSink(lambda b: None)
+    policy = DeadLetterPolicy(unique_topic + ".missing", producer={"message.timeout.ms": "1000"})
+    d = Delivery(ok, FAST_RETRY, policy, {"bootstrap.servers": kafka_broker.bootstrap})
+    payloads = avro_payloads(ORDER_SCHEMA, _orders(3))
+    payloads[1] = b"\x02"
+    with pytest.raises(RetryExhausted):
+        d.deliver(make_batch(ORDER_SCHEMA, payloads), threading.Event())
+    d.close()
+
+
 def test_dlq_broker_unavailable_retries_then_raises(pg_dsn: str) -> None:
     table = "dlv_dlqdown"
     _table(pg_dsn, table)
@@ -277,6 +289,7 @@ def test_exactly_once_with_bisection_stores_batch_offsets(
     assert sink.stored_offsets(unique_group, ["orders"]) == {("orders", 0): 66}
     # Every successful write stored offsets that never pass a row not yet durable.
     assert all(o[("orders", 0)] <= 66 for o in seen) and seen[-1] == {("orders", 0): 66}
+    assert sink.stores_offsets and any(o[("orders", 0)] < 66 for o in seen[:-1])
     d.close()
     sink.close()
 
