@@ -40,7 +40,7 @@ def test_exactly_once_under_kill_9(
     pg_dsn: str, kafka_broker: Any, unique_topic: str, unique_group: str
 ) -> None:
     rounds = int(os.environ.get("KFAST_KILL_ROUNDS", "4"))
-    n = 30_000
+    n = max(30_000, 9_000 * rounds)
     rng = random.Random(1234)
     violate = set(rng.sample(range(n), n // 1000))  # 0.1% constraint violations
     corrupt = set(rng.sample(sorted(set(range(n)) - violate), n // 200))  # 0.5% corrupt payloads
