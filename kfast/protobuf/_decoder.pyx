@@ -78,6 +78,7 @@ cdef enum PbError:
     E_GROUP = -10
     E_PACKED = -11
     E_NOMEM = -12
+    E_LEN_VARINT = -13
 
 _REASONS = {
     E_TRUNCATED: "truncated payload",
@@ -91,6 +92,7 @@ _REASONS = {
     E_DEPTH: "message nesting deeper than max_depth",
     E_GROUP: "unmatched end-group tag",
     E_PACKED: "packed field length is not a multiple of the element size",
+    E_LEN_VARINT: "length prefix longer than 5 bytes",
 }
 
 
@@ -156,9 +158,12 @@ cdef inline int rd_tag(const unsigned char** pp, const unsigned char* end,
 
 cdef inline int rd_len(const unsigned char** pp, const unsigned char* end,
                        Py_ssize_t* out) noexcept nogil:
-    cdef uint64_t v
+    """A length prefix: like upb, a varint of at most 5 bytes whose value is
+    below 2**31 - 1 and fits in what is left."""
     cdef const unsigned char* p = pp[0]
-    cdef int rc
+    cdef uint64_t v = 0
+    cdef int i
+    cdef unsigned char b
     if p < end and p[0] < 0x80:
         # one-byte length: the common case
         if p[0] > end - p - 1:
@@ -166,13 +171,19 @@ cdef inline int rd_len(const unsigned char** pp, const unsigned char* end,
         out[0] = p[0]
         pp[0] = p + 1
         return 0
-    rc = rd_varint(pp, end, &v)
-    if rc:
-        return rc
-    if v >= 0x7FFFFFFFULL or <Py_ssize_t>v > end - pp[0]:
-        return E_LENGTH
-    out[0] = <Py_ssize_t>v
-    return 0
+    for i in range(5):
+        if p >= end:
+            return E_TRUNCATED
+        b = p[0]
+        p += 1
+        v |= (<uint64_t>(b & 0x7F)) << (7 * i)
+        if b < 0x80:
+            if v >= 0x7FFFFFFFULL or <Py_ssize_t>v > end - p:
+                return E_LENGTH
+            out[0] = <Py_ssize_t>v
+            pp[0] = p
+            return 0
+    return E_LEN_VARINT
 
 
 cdef inline uint64_t le32(const unsigned char* p) noexcept nogil:

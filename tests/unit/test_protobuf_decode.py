@@ -243,6 +243,9 @@ BAD = {
     "tag too long": b"\x80\x80\x80\x80\x80\x01",
     "varint too long": b"\x08" + b"\xff" * 10 + b"\x01",
     "bad utf8": b"\x4a\x02\xc3\x28",  # f_string (9) of Scalars
+    # upb reads length prefixes as varints of at most 5 bytes (even overlong zeros)
+    "length prefix 6 bytes": b"\x4a" + b"\x80" * 5 + b"\x00",
+    "unknown length prefix 6 bytes": b"\xfa\x07" + b"\x80" * 5 + b"\x00",
 }
 
 
