@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--buffer-messages", type=int)
     ap.add_argument("--batch-rows", type=int, default=2000)
     ap.add_argument("--sink-delay", type=float, default=0.0)
+    ap.add_argument("--kafka", action="append", default=[], help="extra librdkafka KEY=VALUE")
     a = ap.parse_args()
     conf = {
         "bootstrap.servers": a.bootstrap,
@@ -70,6 +71,7 @@ def main() -> None:
         "partition.assignment.strategy": a.strategy,
         "fetch.wait.max.ms": 100,
     }
+    conf.update(kv.split("=", 1) for kv in a.kafka)
     buffer = kfast.BufferPolicy(max_messages=a.buffer_messages) if a.buffer_messages else None
     pipe = kfast.Pipeline(
         conf,
