@@ -98,7 +98,9 @@ def _value_array(pa: Any, batch: Any, node: ValueNode) -> Any:
     validity, nulls = _buffers(pa, view)
     if conv == "decimal":
         precision, scale = node.arg
-        dtype = pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+        dtype = (
+            pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+        )
         return pa.array(view.to_pylist(), type=dtype)
     if conv == "enum":
         indices = pa.Array.from_buffers(
@@ -116,7 +118,9 @@ def _value_array(pa: Any, batch: Any, node: ValueNode) -> Any:
             null_count=nulls,
         )
     if kind == "bool":
-        raw = pa.Array.from_buffers(pa.uint8(), n, [validity, pa.py_buffer(view.values)], null_count=nulls)
+        raw = pa.Array.from_buffers(
+            pa.uint8(), n, [validity, pa.py_buffer(view.values)], null_count=nulls
+        )
         return raw.cast(pa.bool_())
     if conv in _TIME_TYPES:
         family, unit = _TIME_TYPES[conv]
@@ -128,7 +132,9 @@ def _value_array(pa: Any, batch: Any, node: ValueNode) -> Any:
             dtype = pa.time64(unit)
         else:
             dtype = pa.timestamp(unit, tz="UTC" if not conv.startswith("local") else None)
-        return pa.Array.from_buffers(dtype, n, [validity, pa.py_buffer(view.values)], null_count=nulls)
+        return pa.Array.from_buffers(
+            dtype, n, [validity, pa.py_buffer(view.values)], null_count=nulls
+        )
     dtype = {
         ("int32", "uint32"): pa.uint32(),
         ("int64", "uint64"): pa.uint64(),

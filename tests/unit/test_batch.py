@@ -86,7 +86,9 @@ ORDER_PROGRAM = [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (7, 2)]
 
 
 def order_payload(row: dict[str, Any]) -> bytes:
-    out = enc(INT64, row["id"]) + enc(BINARY, None if row["name"] is None else row["name"].encode(), True)
+    out = enc(INT64, row["id"]) + enc(
+        BINARY, None if row["name"] is None else row["name"].encode(), True
+    )
     out += enc(FLOAT64, row["price"]) + enc(INT32, row["qty"], True) + enc(BOOL, row["ok"])
     if row["tags"] is None:
         out += b"\0"
@@ -142,7 +144,15 @@ def test_to_arrow_matches_to_pylist(data_rows: list[dict[str, Any]]) -> None:
 
 def test_bad_payloads_leave_no_trace_and_keep_order() -> None:
     good = [
-        {"id": i, "name": "n", "price": 1.5, "qty": None, "ok": True, "tags": [i], "attrs": {"a": 1.0}}
+        {
+            "id": i,
+            "name": "n",
+            "price": 1.5,
+            "qty": None,
+            "ok": True,
+            "tags": [i],
+            "attrs": {"a": 1.0},
+        }
         for i in range(4)
     ]
     payloads = [order_payload(r) for r in good]
@@ -161,7 +171,15 @@ def test_bad_payloads_leave_no_trace_and_keep_order() -> None:
 def test_columns_are_typed_buffers_with_validity() -> None:
     data_rows = [
         {"id": 7, "name": None, "price": 2.5, "qty": 3, "ok": False, "tags": None, "attrs": {}},
-        {"id": -1, "name": "xy", "price": -0.0, "qty": None, "ok": True, "tags": [1, 2], "attrs": {}},
+        {
+            "id": -1,
+            "name": "xy",
+            "price": -0.0,
+            "qty": None,
+            "ok": True,
+            "tags": [1, 2],
+            "attrs": {},
+        },
     ]
     batch = order_decoder().decode([order_payload(r) for r in data_rows])
     ids = memoryview(batch.column("id"))
@@ -200,7 +218,15 @@ def test_recycling_refuses_while_views_are_alive_then_reuses() -> None:
 
 def test_recycled_decoding_allocates_no_python_objects_per_row() -> None:
     dec = order_decoder()
-    row = {"id": 1, "name": "abc", "price": 1.0, "qty": 1, "ok": True, "tags": [1, 2], "attrs": {"k": 1.0}}
+    row = {
+        "id": 1,
+        "name": "abc",
+        "price": 1.0,
+        "qty": 1,
+        "ok": True,
+        "tags": [1, 2],
+        "attrs": {"k": 1.0},
+    }
     payloads = [order_payload(row)] * 50_000
     batch = dec.decode(payloads)
     dec.decode(payloads, out=batch)
@@ -223,13 +249,18 @@ def test_nested_record_presence_and_object_columns() -> None:
     p1 = b"\1" + enc(BINARY, b"Paris", True) + enc(OBJECT, b"xyz", True)
     p2 = b"\0" + b"\0" + b"\0"  # struct absent (city null), blob null
     batch = dec.decode([p1, p2])
-    assert batch.to_pylist() == [{"addr": {"city": "Paris"}, "blob": b"XYZ"}, {"addr": None, "blob": None}]
+    assert batch.to_pylist() == [
+        {"addr": {"city": "Paris"}, "blob": b"XYZ"},
+        {"addr": None, "blob": None},
+    ]
     assert batch.slice(1, 2).to_pylist() == [{"addr": None, "blob": None}]
     assert batch.column("addr").to_pylist() == [True, False]
 
 
 def _decode_one(kind: int, conv: str, value: int | bytes, arg: Any = None) -> Any:
-    dec = PlainDecoder([("v", kind, False)], RecordNode((("v", ValueNode(0, conv, arg)),)), [(0, 0)])
+    dec = PlainDecoder(
+        [("v", kind, False)], RecordNode((("v", ValueNode(0, conv, arg)),)), [(0, 0)]
+    )
     batch = dec.decode([enc(kind, value)])
     assert batch.errors == []
     return batch.to_pylist()[0]["v"]
@@ -289,7 +320,9 @@ def test_other_conversions() -> None:
     assert _decode_one(INT32, "uint32", -1) == 2**32 - 1
     assert _decode_one(INT64, "uint64", -1) == 2**64 - 1
     assert _decode_one(INT64, "timestamp-nanos", 5) == 5
-    assert _decode_one(INT64, "timestamp-micros", 0) == dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    assert _decode_one(INT64, "timestamp-micros", 0) == dt.datetime(
+        1970, 1, 1, tzinfo=dt.timezone.utc
+    )
 
 
 def test_tombstones_and_non_buffers_are_type_errors() -> None:

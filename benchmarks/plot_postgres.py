@@ -1,0 +1,60 @@
+"""Plot the Kafka -> PostgreSQL benchmark (bench_e2e_postgres.py --json) for docs/benchmarks.md.
+
+PYTHONPATH=. .venv/bin/python benchmarks/bench_e2e_postgres.py --rows 1000000 --json /tmp/e2e.json
+PYTHONPATH=. .venv/bin/python benchmarks/plot_postgres.py /tmp/e2e.json docs/img/postgres_e2e.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src, dst = argv
+    with open(src) as f:
+        res = json.load(f)
+    rates = res["rows_per_s"]
+    labels = {
+        "naive": "consume + fastavro\n+ write_row (naive)",
+        "kfast": "kfast Pipeline\n+ PostgresSink",
+        "ceiling": "COPY of pre-encoded\nbytes (server ceiling)",
+    }
+    keys = ["naive", "kfast", "ceiling"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(
+        [labels[k] for k in keys],
+        [rates[k] / 1000 for k in keys],
+        color=["#999999", "#2b7bba", "#cccccc"],
+    )
+    for bar, k in zip(bars, keys):
+        ax.annotate(
+            f"{rates[k] / 1000:,.0f}k",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+        )
+    q = res["ratios"]
+    ax.set_ylabel("rows / s (thousands)")
+    ax.set_title(
+        f"{res['rows']:,} order records Kafka -> PostgreSQL: kfast = "
+        f"{q['kfast_vs_naive']:.1f}x naive, {100 * q['kfast_share_of_ceiling']:.0f}% of ceiling",
+        fontsize=10,
+    )
+    env = res.get("environment", {})
+    fig.suptitle(
+        ", ".join(f"{k} {v}" for k, v in env.items() if isinstance(v, (str, int, float)))[:150],
+        fontsize=7,
+    )
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
