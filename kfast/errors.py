@@ -31,7 +31,20 @@ class TransientSinkError(SinkError):
 
 
 class PermanentSinkError(SinkError):
-    """Retrying the same rows cannot succeed: bad data, constraint violation."""
+    """Retrying the same rows cannot succeed: bad data, constraint violation.
+
+    ``row`` is an optional locator: the index, relative to the rows of the
+    failed write, of the row the sink believes caused the failure (e.g. the
+    line PostgreSQL reported for a COPY). It is only a hint: the delivery
+    layer confirms it by writing that row alone, and ignores it when absent
+    or out of range.
+    """
+
+    def __init__(
+        self, message: str, *, sqlstate: str | None = None, row: int | None = None
+    ) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.row = row
 
 
 class RetryExhausted(KfastError):

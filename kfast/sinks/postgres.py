@@ -30,6 +30,7 @@ import base64
 import datetime
 import decimal
 import json
+import re
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -128,6 +129,46 @@ def classify(exc: BaseException) -> KfastError:
             out = TransientSinkError(msg, sqlstate=state)
     out.__cause__ = exc
     return out
+
+
+# Locator classes: data exceptions and integrity violations are raised for one row of a COPY.
+_LOCATOR_CLASSES = frozenset({"22", "23"})
+_INTEGER = re.compile(r"(?<![\w.])\d+(?![\w.])")
+
+
+def copy_row_hint(exc: BaseException, ranges: Sequence[tuple[int, int]]) -> int | None:
+    """Index (in the written batch) of the COPY row PostgreSQL blamed, or None.
+
+    A locator only, never a classifier: ``exc.diag.context`` of a failed COPY
+    reads e.g. ``COPY orders, line 1234`` (possibly translated), the COPY
+    context being the outermost, i.e. last, line. The hint is given only for
+    SQLSTATE classes 22/23 when exactly one standalone integer of that line
+    is a plausible line number (1..rows copied); ``ranges`` are the batch row
+    ranges the COPY streamed, in order, so line ``L`` is the ``L``-th row of
+    their concatenation. The delivery layer confirms the hint by writing that
+    row alone, so a wrong hint costs writes, never correctness.
+    """
+    state = getattr(exc, "sqlstate", None)
+    if not state or state[:2] not in _LOCATOR_CLASSES:
+        return None
+    diag = getattr(exc, "diag", None)
+    context = getattr(diag, "context", None) if diag is not None else None
+    if not isinstance(context, str):
+        return None
+    lines = [line for line in context.splitlines() if line.strip()]
+    if not lines:
+        return None
+    total = sum(b - a for a, b in ranges)
+    found = {int(m) for m in _INTEGER.findall(lines[-1])}
+    plausible = [v for v in found if 1 <= v <= total]
+    if len(plausible) != 1:
+        return None
+    idx = plausible[0] - 1
+    for a, b in ranges:
+        if idx < b - a:
+            return a + idx
+        idx -= b - a
+    return None  # pragma: no cover - total bounds idx
 
 
 # ------------------------------------------------------------------ type mapping
@@ -382,6 +423,7 @@ class PostgresSink:
         self._encoders: list[CopyEncoder] = []
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._copying: list[tuple[int, int]] | None = None  # ranges of the COPY in progress
         self._opened = False
         self.fenced_rows = 0  # exactly_once: rows skipped because their offset was already stored
 
@@ -773,6 +815,7 @@ class PostgresSink:
                 self._write_parallel(batch, plan, pre)
                 return
             conn = self._connect(0)
+            self._copying = None
             try:
                 if self.mode == "copy":
                     self._copy(
@@ -800,14 +843,20 @@ class PostgresSink:
             except EncodeError as exc:
                 self._fail(0, exc)
                 field_name = plan.columns[exc.field] if exc.field < len(plan.columns) else "?"
+                row = exc.row if 0 <= exc.row < batch.num_rows else None
                 raise PermanentSinkError(
-                    f"row {exc.row}: column {field_name!r}: {exc.reason}", sqlstate=None
+                    f"row {exc.row}: column {field_name!r}: {exc.reason}", sqlstate=None, row=row
                 ) from exc
             except psycopg.Error as exc:
-                raise self._fail(0, exc) from exc
+                err = self._fail(0, exc)
+                if isinstance(err, PermanentSinkError) and self._copying is not None:
+                    err.row = copy_row_hint(exc, self._copying)
+                raise err from exc
             except (SinkError, ConfigError):
                 self._fail(0, RuntimeError("aborted"))
                 raise
+            finally:
+                self._copying = None
 
     def _pre_encode(self, batch: Batch, plan: Plan) -> list[list[bytes | None]]:
         out = []
@@ -874,6 +923,7 @@ class PostgresSink:
             enc.bind_pre(slot, values, 0)
         enc.clear()
         enc.header()
+        self._copying = list(ranges)  # read by write() if this COPY fails (single connection)
         with conn.cursor() as cur, cur.copy(stmt) as cp:
             for start, stop in ranges:
                 row = start
@@ -887,6 +937,7 @@ class PostgresSink:
             with memoryview(enc) as mv:
                 cp.write(mv)
             enc.clear()
+        self._copying = None
 
     def _fence(self, conn: psycopg.Connection[Any], batch: Batch) -> list[tuple[int, int]]:
         """exactly_once: lock this batch's partitions in ``kfast_offsets`` and return the row
@@ -1049,14 +1100,20 @@ class PostgresSink:
             for i in range(n):
                 exc2 = next((e for j, e in errors if j == i), None)
                 if exc2 is not None:
+                    a, b = ranges[i][1], ranges[i][2]
                     if isinstance(exc2, EncodeError):
-                        err: KfastError = PermanentSinkError(f"row {exc2.row}: {exc2.reason}")
+                        row = exc2.row if 0 <= exc2.row < batch.num_rows else None
+                        err: KfastError = PermanentSinkError(
+                            f"row {exc2.row}: {exc2.reason}", row=row
+                        )
                         self._fail(i, exc2)
                     elif isinstance(exc2, KfastError):
                         err = exc2
                         self._fail(i, exc2)
                     else:
                         err = self._fail(i, exc2)
+                        if isinstance(err, PermanentSinkError):
+                            err.row = copy_row_hint(exc2, [(a, b)])
                     first = first or err
                 elif self._conns[i] is not None:
                     try:

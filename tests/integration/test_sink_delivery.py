@@ -124,7 +124,7 @@ def test_bad_rows_and_corrupt_payloads_go_to_dlq_with_headers(
             assert "kfast.sqlstate" not in h
     snap = metrics.snapshot()
     assert snap["dlq_records_by_reason"] == {"decode/DecodeError": 2, "sink/CheckViolation": 2}
-    assert snap["bisections"] >= 1
+    assert snap["located"] + snap["bisections"] >= 1  # the COPY line locates them
 
 
 @pytest.mark.parametrize(
@@ -328,3 +328,126 @@ def test_replay_republishes_filtered_records(kafka_broker: Any, unique_topic: st
     assert rc == 0
     back = consume_all(kafka_broker.bootstrap, unique_topic, expected=1)
     assert [m.value() for m in back] == [b"\x02"]
+
+
+class HintSink(CountingSink):
+    """Counts writes and rewrites the row locator of permanent errors (``shift`` or drop it)."""
+
+    def __init__(self, inner: Any, shift: int | None = 0) -> None:
+        super().__init__(inner)
+        self.shift = shift
+        self.hints: list[int | None] = []
+
+    def write(self, batch: Any) -> None:
+        try:
+            super().write(batch)
+        except PermanentSinkError as exc:
+            self.hints.append(exc.row)
+            if self.shift is None:
+                exc.row = None
+            elif exc.row is not None:
+                exc.row = min(batch.num_rows - 1, max(0, exc.row + self.shift))
+            raise
+
+
+def _deliver_bad(
+    pg_dsn: str, kafka_broker: Any, topic: str, sink: Any, n: int, bad: set[int], group: str = "g"
+) -> DeliveryMetrics:
+    kafka_broker.create_topic(topic)
+    metrics = DeliveryMetrics()
+    d = Delivery(
+        sink,
+        FAST_RETRY,
+        DeadLetterPolicy(topic),
+        {"bootstrap.servers": kafka_broker.bootstrap},
+        metrics,
+    )
+    batch = make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, _orders(n, bad)), group=group)
+    d.deliver(batch, threading.Event())
+    d.close()
+    dead = consume_all(kafka_broker.bootstrap, topic, expected=len(bad))
+    offsets = [int(dict(m.headers())["kfast.original.offset"]) for m in dead]
+    assert sorted(offsets) == sorted(bad)  # each bad row dead-lettered exactly once
+    for m in dead:
+        h = dict(m.headers())
+        assert h["kfast.sqlstate"] == b"23514" and h["kfast.error.class"] == b"CheckViolation"
+        assert int(h["kfast.attempts"]) >= 2
+    return metrics
+
+
+def _ids(dsn: str, name: str) -> list[int]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return [int(r[0]) for r in c.execute(f'SELECT id FROM "{name}" ORDER BY id').fetchall()]
+
+
+@pytest.mark.parametrize("mode", ["copy", "exactly_once"])
+def test_copy_line_locates_bad_rows_in_3k_plus_1_writes(
+    pg_dsn: str, kafka_broker: Any, unique_topic: str, unique_group: str, mode: str
+) -> None:
+    table = "dlv_locate"
+    _table(pg_dsn, table)
+    n, bad = 3000, {0, 17, 18, 1203, 2500, 2999}
+    inner = PostgresSink(pg_dsn, table, mode=mode)
+    sink = HintSink(inner)
+    metrics = _deliver_bad(pg_dsn, kafka_broker, unique_topic, sink, n, bad, unique_group)
+    assert _ids(pg_dsn, table) == [i for i in range(n) if i not in bad]
+    k = len(bad)
+    # Each bad row: the failing write, the prefix before it (if any), its confirmation.
+    extra = 1 if mode == "exactly_once" else 0  # the final offsets-only write
+    assert sink.calls <= 3 * k + 1 + extra, sink.calls
+    snap = metrics.snapshot()
+    assert snap["located"] == k and snap["bisections"] == 0
+    assert snap["dlq_records_by_reason"] == {"sink/CheckViolation": k}
+    assert all(h is not None for h in sink.hints)  # PostgreSQL reported the COPY line
+    if mode == "exactly_once":
+        assert inner.stored_offsets(unique_group, ["orders"]) == {("orders", 0): n}
+    sink.close()
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_wrong_hint_still_writes_every_row_once(
+    pg_dsn: str, kafka_broker: Any, unique_topic: str, shift: int
+) -> None:
+    table = "dlv_liar"
+    _table(pg_dsn, table)
+    n, bad = 1000, {5, 300, 301, 700, 999}
+    sink = HintSink(PostgresSink(pg_dsn, table), shift=shift)
+    metrics = _deliver_bad(pg_dsn, kafka_broker, unique_topic, sink, n, bad)
+    assert _ids(pg_dsn, table) == [i for i in range(n) if i not in bad]
+    snap = metrics.snapshot()
+    assert snap["located"] >= 1 and snap["bisections"] >= 1  # lied once, then bisected
+    assert snap["dlq_records"] == len(bad)
+    # Bounded by the bisection cost plus the located attempt.
+    assert sink.calls <= 4 + 2 * len(bad) * math.ceil(math.log2(n)), sink.calls
+    sink.close()
+
+
+def test_without_locator_falls_back_to_bisection(
+    pg_dsn: str, kafka_broker: Any, unique_topic: str
+) -> None:
+    table = "dlv_nohint"
+    _table(pg_dsn, table)
+    n, bad = 512, {3, 200, 511}
+    sink = HintSink(PostgresSink(pg_dsn, table), shift=None)
+    metrics = _deliver_bad(pg_dsn, kafka_broker, unique_topic, sink, n, bad)
+    assert _ids(pg_dsn, table) == [i for i in range(n) if i not in bad]
+    snap = metrics.snapshot()
+    assert snap["located"] == 0 and snap["bisections"] >= 1
+    assert sink.calls <= 1 + 2 * len(bad) * math.ceil(math.log2(n)), sink.calls
+    sink.close()
+
+
+def test_upsert_constraint_error_has_no_copy_line_and_bisects(
+    pg_dsn: str, kafka_broker: Any, unique_topic: str
+) -> None:
+    """upsert: the CHECK fails in INSERT ... SELECT from the staging table, not in the COPY."""
+    table = "dlv_upsert_nohint"
+    _table(pg_dsn, table)
+    n, bad = 256, {10, 100}
+    sink = HintSink(PostgresSink(pg_dsn, table, mode="upsert", key=("id",)))
+    metrics = _deliver_bad(pg_dsn, kafka_broker, unique_topic, sink, n, bad)
+    assert _ids(pg_dsn, table) == [i for i in range(n) if i not in bad]
+    assert sink.hints and all(h is None for h in sink.hints)
+    snap = metrics.snapshot()
+    assert snap["located"] == 0 and snap["bisections"] >= 1
+    sink.close()
