@@ -155,7 +155,10 @@ def test_metrics_snapshot_and_prometheus_endpoint(
     conf = kafka_consumer_config(unique_group, **{"statistics.interval.ms": 200})
     pipe = pipeline(conf, unique_topic, rec, metrics_port=port, commit_interval=0.1)
     runner = Runner(pipe)
-    wait_until(lambda: rec.count() >= 5000, 60, "rows")
+    # stop waiting at once if run() failed (e.g. the metrics endpoint could not start)
+    wait_until(lambda: runner.error is not None or rec.count() >= 5000, 60, "rows")
+    if runner.error is not None:
+        raise runner.error
     wait_until(lambda: sum(pipe.metrics()["consumer_lag"].values() or [1]) == 0, 30, "lag 0")
     m = pipe.metrics()
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

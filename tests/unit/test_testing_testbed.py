@@ -295,7 +295,10 @@ def test_log_tail(tmp_path: Path) -> None:
     assert _proc.log_tail(log, 3) == "line 97\nline 98\nline 99"
 
 
-def test_atexit_cleanup_registry() -> None:
+def test_atexit_cleanup_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A private registry: the real one holds this session's broker and database,
+    # which _run_cleanups() would stop for every test that runs after this one.
+    monkeypatch.setattr(_proc, "_cleanups", {})
     calls: list[str] = []
     owner = object()
     _proc.register_cleanup(owner, lambda: calls.append("ran"))
