@@ -143,6 +143,25 @@ cdef object _decimal_from_bytes(bytes raw, object arg):
     return ctx.create_decimal(unscaled).scaleb(-scale, ctx)
 
 
+cdef void _fill_view(Py_buffer* view, object owner, char* ptr, Py_ssize_t nbytes,
+                     Py_ssize_t itemsize, bytes fmt, int flags,
+                     Py_ssize_t* shape, Py_ssize_t* strides) noexcept:
+    """A read-only one-dimensional export; ``shape``/``strides`` live in ``owner``."""
+    shape[0] = nbytes // itemsize
+    strides[0] = itemsize
+    view.buf = ptr
+    view.obj = owner
+    view.len = nbytes
+    view.readonly = 1
+    view.itemsize = itemsize
+    view.format = PyBytes_AS_STRING(fmt) if (flags & PyBUF_FORMAT) else NULL
+    view.ndim = 1
+    view.shape = shape
+    view.strides = strides
+    view.suboffsets = NULL
+    view.internal = NULL
+
+
 cdef class _Exporter:
     """A raw memory region of a batch exported through the buffer protocol.
 
@@ -158,19 +177,8 @@ cdef class _Exporter:
     cdef Py_ssize_t strides[1]
 
     def __getbuffer__(self, Py_buffer* view, int flags):
-        self.shape[0] = self.nbytes // self.itemsize
-        self.strides[0] = self.itemsize
-        view.buf = self.ptr
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 1
-        view.itemsize = self.itemsize
-        view.format = PyBytes_AS_STRING(self.fmt) if (flags & PyBUF_FORMAT) else NULL
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
+        _fill_view(view, self, self.ptr, self.nbytes, self.itemsize, self.fmt, flags,
+                   self.shape, self.strides)
         self.batch.exports += 1
 
     def __releasebuffer__(self, Py_buffer* view):
@@ -731,19 +739,8 @@ cdef class ColumnView:
         if c.kind not in _KIND_FORMATS:
             raise BufferError(f"column {self.name!r} is {self.kind}: use .offsets and .values")
         self.fmt = _KIND_FORMATS[c.kind]
-        self.shape[0] = c.length
-        self.strides[0] = c.width
-        view.buf = <char*>c.values.data if c.values.data != NULL else <char*>b""
-        view.obj = self
-        view.len = c.length * c.width
-        view.readonly = 1
-        view.itemsize = c.width
-        view.format = PyBytes_AS_STRING(self.fmt) if (flags & PyBUF_FORMAT) else NULL
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
+        _fill_view(view, self, <char*>c.values.data if c.values.data != NULL else <char*>b"",
+                   c.length * c.width, c.width, self.fmt, flags, self.shape, self.strides)
         self.batch.exports += 1
 
     def __releasebuffer__(self, Py_buffer* view):

@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 import fastavro
+from _wire import zigzag  # noqa: F401 - re-exported to the Avro tests
 
 
 def parsed(schema: Any) -> Any:
@@ -23,16 +24,3 @@ def reference(payload: bytes, writer: Any, reader: Any = None) -> Any:
     w = parsed(writer)
     r = parsed(reader) if reader is not None else None
     return fastavro.schemaless_reader(io.BytesIO(payload), w, r)
-
-
-def zigzag(n: int) -> bytes:
-    u = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while True:
-        b = u & 0x7F
-        u >>= 7
-        if u:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)

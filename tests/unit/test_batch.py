@@ -15,6 +15,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from _wire import uvarint
+from _wire import zigzag as zz
 from fastavro import _logical_readers_py as fastavro_logical
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,22 +25,6 @@ from kfast._layout import ListNode, MapNode, ObjectNode, RecordNode, ValueNode
 from kfast._selftest import PlainDecoder
 
 BOOL, INT32, INT64, FLOAT32, FLOAT64, BINARY, LIST, OBJECT, STRUCT = range(1, 10)
-
-
-def uvarint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def zz(value: int) -> bytes:
-    return uvarint(((value << 1) ^ (value >> 63)) & 0xFFFFFFFFFFFFFFFF)
 
 
 def enc(kind: int, value: Any, nullable: bool = False) -> bytes:

@@ -5,22 +5,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from _wire import uvarint
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kfast import _selftest as cur
-
-
-def uvarint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def zigzag64(value: int) -> int:
