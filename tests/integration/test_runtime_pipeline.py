@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
 
 import pytest
 from runtime_util import Recorder, Runner, pipeline, produce_ids, wait_until
@@ -48,7 +47,6 @@ def test_no_loss_no_duplicates(kafka_broker, kafka_consumer_config, unique_topic
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("KFAST_SLOW"), reason="set KFAST_SLOW=1 for the 1M proof")
 def test_no_loss_no_duplicates_1m(kafka_broker, kafka_consumer_config, unique_topic, unique_group):
     _no_loss_no_dup(kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_SLOW)
 
