@@ -48,8 +48,10 @@ def main(argv: list[str]) -> int:
     )
     env = res.get("environment", {})
     fig.suptitle(
-        ", ".join(f"{k} {v}" for k, v in env.items() if isinstance(v, (str, int, float)))[:150],
-        fontsize=7,
+        f"{env.get('cpus', '?')} CPUs, Python {env.get('python', '?')}, "
+        f"psycopg {env.get('psycopg', '?')}, PostgreSQL {str(env.get('postgresql', '?')).split()[0]}, "
+        "Kafka 4.4.0, all on one machine",
+        fontsize=8,
     )
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
