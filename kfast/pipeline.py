@@ -818,7 +818,7 @@ class Pipeline:
             else:
                 out["delivery"] = {
                     k: getattr(dm, k)
-                    for k in ("retries", "dlq_records", "sink_errors", "bisections")
+                    for k in ("retries", "dlq_records", "sink_errors", "bisections", "located")
                     if hasattr(dm, k)
                 }
             wl = getattr(dm, "write_latency", None)

@@ -268,3 +268,16 @@ def test_mixed_message_types_in_one_push():
     batch, view = decode_all(ring)
     assert ids(batch) == [0, 1, 2]
     assert [view.key(i) for i in range(3)] == [b"k0", None, b"k2"]
+
+
+def test_accessor_opt_out_disables_in_place_message_reads():
+    import os
+    import subprocess
+    import sys
+
+    code = "from kfast.ring._ring import fast_path_available; print(fast_path_available())"
+    env = dict(os.environ, KFAST_RING_ACCESSORS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
