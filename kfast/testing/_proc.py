@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "OWNER_FILE",
@@ -268,3 +268,48 @@ def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
     fut: Future[subprocess.Popen[bytes]] = Future()
     _spawn_queue.put((lambda: subprocess.Popen(list(argv), **popen_kwargs), fut))
     return fut.result()
+
+
+_S = TypeVar("_S", bound="LocalService")
+
+
+class LocalService:
+    """What the Kafka and PostgreSQL launchers share: a child process (or an
+    external service named by an environment variable), its log, and the
+    context-manager protocol. Subclasses set ``external``, ``tmp_dir``,
+    ``_proc`` and ``log_name`` and implement ``start`` and ``close``."""
+
+    log_name = "service.log"
+    external: bool
+    tmp_dir: Path | None
+    _proc: subprocess.Popen[bytes] | None
+
+    def start(self: _S) -> _S:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.tmp_dir / self.log_name if self.tmp_dir is not None else None
+
+    @property
+    def running(self) -> bool:
+        if self.external:
+            return True
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines) if self.log_path is not None else ""
+
+    def __enter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

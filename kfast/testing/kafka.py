@@ -366,7 +366,7 @@ def consumer_config(bootstrap: str, group: str, **overrides: Any) -> dict[str, A
 # --------------------------------------------------------------------------------------------
 
 
-class KafkaBroker:
+class KafkaBroker(_proc.LocalService):
     """A single-node Apache Kafka (KRaft) broker on loopback, or an external one.
 
     Use as a context manager, or call :meth:`start` and :meth:`close`.  :meth:`stop` and
@@ -376,6 +376,8 @@ class KafkaBroker:
     an own broker).  ``jars``: a directory of broker jars (default: :func:`fetch_kafka`).
     ``config``: extra ``server.properties`` entries.  ``heap``: the JVM's ``-Xmx``.
     """
+
+    log_name = "broker.log"
 
     def __init__(
         self,
@@ -421,31 +423,7 @@ class KafkaBroker:
             raise KafkaStartError("the broker has not been started")
         return self._bootstrap
 
-    @property
-    def log_path(self) -> Path | None:
-        return self.tmp_dir / "broker.log" if self.tmp_dir is not None else None
-
-    @property
-    def running(self) -> bool:
-        if self.external:
-            return True
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return _proc.log_tail(self.log_path, lines) if self.log_path is not None else ""
-
     # -- lifecycle ----------------------------------------------------------------------------
-
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> KafkaBroker:
         """Start the broker (first time: fetch jars, format storage) and wait until it serves."""

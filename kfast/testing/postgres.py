@@ -113,12 +113,14 @@ def server_settings(port: int, socket_dir: Path) -> dict[str, str]:
     }
 
 
-class PostgresServer:
+class PostgresServer(_proc.LocalService):
     """A throwaway PostgreSQL server on loopback, or an external one (``KFAST_TEST_PG_DSN``).
 
     ``dsn`` points at database ``kfast`` as superuser ``postgres`` (trust auth on loopback).
     :meth:`stop` / :meth:`start` / :meth:`restart` keep the port and the data directory.
     """
+
+    log_name = "postgres.log"
 
     def __init__(
         self,
@@ -171,31 +173,7 @@ class PostgresServer:
     def socket_dir(self) -> Path | None:
         return self.tmp_dir / "sock" if self.tmp_dir is not None else None
 
-    @property
-    def log_path(self) -> Path | None:
-        return self.tmp_dir / "postgres.log" if self.tmp_dir is not None else None
-
-    @property
-    def running(self) -> bool:
-        if self.external:
-            return True
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return _proc.log_tail(self.log_path, lines) if self.log_path is not None else ""
-
     # -- lifecycle ----------------------------------------------------------------------------
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _refuse_external(self, what: str) -> None:
         if self.external:
