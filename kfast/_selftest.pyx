@@ -82,86 +82,78 @@ def _check(int rc):
         raise ValueError(_STATUS.get(rc, rc))
 
 
-def read_uvarint64(data):
-    """(value, bytes consumed)."""
+cdef enum Reader:
+    R_UVARINT64, R_UVARINT32, R_ZIGZAG64, R_ZIGZAG32, R_LE32, R_LE64, R_BE32, R_F32, R_F64
+
+
+cdef object _read(Reader which, data):
+    """Run one cursor reader over ``data``: (value, bytes consumed), or ValueError."""
     cdef Cursor c
-    cdef uint64_t v
+    cdef uint64_t u64
+    cdef uint32_t u32
+    cdef int64_t i64
+    cdef int32_t i32
+    cdef float f32
+    cdef double f64
+    cdef object value   # not inferred: a C double would round 64-bit integers
     cdef _View view = _View(data)
     _cursor_over(&c, view)
-    _check(cur_read_uvarint64(&c, &v))
-    return v, len(data) - c.left
+    if which == R_UVARINT64:
+        _check(cur_read_uvarint64(&c, &u64)); value = u64
+    elif which == R_UVARINT32:
+        _check(cur_read_uvarint32(&c, &u32)); value = u32
+    elif which == R_ZIGZAG64:
+        _check(cur_read_zigzag64(&c, &i64)); value = i64
+    elif which == R_ZIGZAG32:
+        _check(cur_read_zigzag32(&c, &i32)); value = i32
+    elif which == R_LE32:
+        _check(cur_read_le32(&c, &u32)); value = u32
+    elif which == R_LE64:
+        _check(cur_read_le64(&c, &u64)); value = u64
+    elif which == R_BE32:
+        _check(cur_read_be32(&c, &u32)); value = u32
+    elif which == R_F32:
+        _check(cur_read_f32(&c, &f32)); value = f32
+    else:
+        _check(cur_read_f64(&c, &f64)); value = f64
+    return value, len(data) - c.left
+
+
+def read_uvarint64(data):
+    """(value, bytes consumed)."""
+    return _read(R_UVARINT64, data)
 
 
 def read_uvarint32(data):
-    cdef Cursor c
-    cdef uint32_t v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_uvarint32(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_UVARINT32, data)
 
 
 def read_zigzag64(data):
-    cdef Cursor c
-    cdef int64_t v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_zigzag64(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_ZIGZAG64, data)
 
 
 def read_zigzag32(data):
-    cdef Cursor c
-    cdef int32_t v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_zigzag32(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_ZIGZAG32, data)
 
 
 def read_le32(data):
-    cdef Cursor c
-    cdef uint32_t v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_le32(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_LE32, data)
 
 
 def read_le64(data):
-    cdef Cursor c
-    cdef uint64_t v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_le64(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_LE64, data)
 
 
 def read_be32(data):
-    cdef Cursor c
-    cdef uint32_t v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_be32(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_BE32, data)
 
 
 def read_f32(data):
-    cdef Cursor c
-    cdef float v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_f32(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_F32, data)
 
 
 def read_f64(data):
-    cdef Cursor c
-    cdef double v
-    cdef _View view = _View(data)
-    _cursor_over(&c, view)
-    _check(cur_read_f64(&c, &v))
-    return v, len(data) - c.left
+    return _read(R_F64, data)
 
 
 def take(data, Py_ssize_t n):
