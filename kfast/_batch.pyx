@@ -547,6 +547,23 @@ cdef int _copy_slots(Column* src, Column* dst, Py_ssize_t lo, Py_ssize_t hi, Py_
     return 0
 
 
+cdef enum IntConv:
+    _IC_INT, _IC_UINT32, _IC_UINT64, _IC_TS_MILLIS, _IC_TS_MICROS, _IC_DATE, _IC_TIME_MILLIS, _IC_TIME_MICROS
+
+_INT_CONVS = {
+    "int": _IC_INT,
+    "uint32": _IC_UINT32,
+    "uint64": _IC_UINT64,
+    "timestamp-millis": _IC_TS_MILLIS,
+    "local-timestamp-millis": _IC_TS_MILLIS,
+    "timestamp-micros": _IC_TS_MICROS,
+    "local-timestamp-micros": _IC_TS_MICROS,
+    "date": _IC_DATE,
+    "time-millis": _IC_TIME_MILLIS,
+    "time-micros": _IC_TIME_MICROS,
+}
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef list _column_values(Column* c, str conv, object arg, Py_ssize_t start, Py_ssize_t stop):
@@ -631,30 +648,30 @@ cdef list _column_values(Column* c, str conv, object arg, Py_ssize_t start, Py_s
 
     if conv == "timestamp-millis" or conv == "timestamp-micros":
         tz = _UTC
+    # Resolve the conversion once, not per value.
+    cdef int code = _INT_CONVS.get(conv, _IC_INT)
     for i in range(n):
         if nullable and not col_is_valid(c, start + i):
             continue
         v = i32[start + i] if kind == COL_INT32 else i64[start + i]
-        if conv == "int":
+        if code == _IC_INT:
+            # also the logical types the reference returns as plain integers
+            # (timestamp-nanos, local-timestamp-nanos with fastavro 1.x)
             out[i] = v
-        elif conv == "uint32":
+        elif code == _IC_UINT32:
             out[i] = <uint32_t>v
-        elif conv == "uint64":
+        elif code == _IC_UINT64:
             out[i] = <uint64_t>v
-        elif conv == "timestamp-millis" or conv == "local-timestamp-millis":
+        elif code == _IC_TS_MILLIS:
             out[i] = _datetime_from_micros(v * 1000, tz)
-        elif conv == "timestamp-micros" or conv == "local-timestamp-micros":
+        elif code == _IC_TS_MICROS:
             out[i] = _datetime_from_micros(v, tz)
-        elif conv == "date":
+        elif code == _IC_DATE:
             out[i] = _date_from_days(v)
-        elif conv == "time-millis":
+        elif code == _IC_TIME_MILLIS:
             out[i] = _time_from_micros(v * 1000)
-        elif conv == "time-micros":
-            out[i] = _time_from_micros(v)
         else:
-            # Logical types the reference returns as plain integers
-            # (timestamp-nanos, local-timestamp-nanos with fastavro 1.x).
-            out[i] = v
+            out[i] = _time_from_micros(v)
     return out
 
 
