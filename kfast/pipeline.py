@@ -24,7 +24,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -805,9 +804,6 @@ class Pipeline:
             "gc": {
                 "collections": [g["collections"] for g in gc.get_stats()],
                 "counts": list(gc.get_count()),
-                # live small-object blocks of the interpreter: flat in steady
-                # state (no per-message Python objects survive push/decode)
-                "allocated_blocks": sys.getallocatedblocks(),
             },
             "memory_plan": self._plan.as_dict(),
         }
