@@ -98,6 +98,14 @@ class ConfluentDecoder(FramedAvroDecoder):
         # PROTOBUF without asking the registry (see docs/protobuf.md)
         self.protobuf_classes = dict(protobuf_classes or {})
 
+    def schema_id_of(self, value: Any) -> int | None:
+        """The schema id a payload is framed with, or None when it is not framed.
+
+        Reads only the 5-byte header; the runtime uses it to give dead letters
+        a ``kfast.schema.id`` header (plain decoders have no such method).
+        """
+        return frame_schema_id(value)
+
     # -- registry -----------------------------------------------------------
     def _fetch(self, schema_id: int) -> Any:
         """The registry's entry for an id (kept in a bounded LRU: one lookup per id)."""
@@ -197,11 +205,20 @@ class ConfluentDecoder(FramedAvroDecoder):
         return self._protobuf
 
 
+def frame_schema_id(value: Any) -> int | None:
+    """Schema id of a Confluent-framed payload (magic byte 0, 4-byte big-endian
+    id); None when ``value`` is shorter than 5 bytes or has another first byte."""
+    head = bytes(memoryview(value)[:5])
+    if len(head) == 5 and head[0] == 0:
+        return int.from_bytes(head[1:5], "big")
+    return None
+
+
 def _first_schema_id(payloads: Sequence[Any]) -> int | None:
     for p in payloads:
         if p is None:
             continue
-        head = bytes(memoryview(p)[:5])
-        if len(head) == 5 and head[0] == 0:
-            return int.from_bytes(head[1:5], "big")
+        schema_id = frame_schema_id(p)
+        if schema_id is not None:
+            return schema_id
     return None

@@ -187,6 +187,13 @@ class ConfluentProtobufDecoder:
         self._decoder: Any = None
         self._empty: Any = None
 
+    def schema_id_of(self, value: Any) -> int | None:
+        """The schema id a payload is framed with, or None when it is not framed
+        (see ``kfast.confluent.frame_schema_id``; the message-index path is not read)."""
+        from kfast.confluent import frame_schema_id
+
+        return frame_schema_id(value)
+
     def _file(self, schema_id: int) -> Any:
         f = self._files.get(schema_id)
         if f is None:

@@ -235,3 +235,16 @@ def test_first_known_id_defines_columns_when_the_first_id_fails(mock_registry: A
     batch = ConfluentDecoder(reg).decode([frame(31337, V1, {"id": 1}), frame(id1, V1, {"id": 2})])
     assert batch.to_pylist() == [{"id": 2}]
     assert batch.errors[0].index == 0 and "unknown schema id 31337" in batch.errors[0].reason
+
+
+def test_schema_id_of_reads_the_frame_header(mock_registry: Any) -> None:
+    reg, id1, _, _ = mock_registry
+    dec = ConfluentDecoder(reg)
+    value = frame(id1, V1, {"id": 1})
+    assert dec.schema_id_of(value) == id1
+    assert dec.schema_id_of(bytearray(value)) == id1
+    assert dec.schema_id_of(memoryview(value)) == id1
+    assert dec.schema_id_of(b"\x00\x12\x34\x56\x78") == 0x12345678  # header only
+    for bad in (b"", b"\x00", b"\x00\x00\x00\x01", b"\x01\x00\x00\x00\x01\x02"):
+        assert dec.schema_id_of(bad) is None
+    assert not hasattr(kfast.AvroDecoder(V1), "schema_id_of")  # unframed: no schema id

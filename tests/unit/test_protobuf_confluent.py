@@ -130,3 +130,12 @@ def test_random_framing_never_crashes() -> None:
     ]
     batch = dec.decode(blobs)
     assert batch.num_rows + len(batch.errors) == len(blobs)
+
+
+def test_schema_id_of_reads_the_frame_header() -> None:
+    dec = ConfluentProtobufDecoder(classes={7: pb3.Tree})
+    assert dec.schema_id_of(frame(7, b"\x00", b"\x08\x01")) == 7
+    assert dec.schema_id_of(frame(0x01020304, b"", b"")) == 0x01020304  # header only
+    for bad in (b"", b"\x00\x00\x00\x07", b"\x01\x00\x00\x00\x07\x00"):
+        assert dec.schema_id_of(bad) is None
+    assert not hasattr(kfast.ProtobufDecoder(pb3.Tree), "schema_id_of")
