@@ -50,6 +50,9 @@ cdef enum:
     F_OVERSIZED = 8     # payload held in the overflow slot, not the arena
 
 cdef enum:
+    SCHEMA_HEADER = 5   # bytes of a value handed to Ring.schema_id_of (Confluent: magic + id)
+
+cdef enum:
     R_NONE = 0
     R_NEED_SEEK = 1     # drop every message of the partition until sought back
 
@@ -220,6 +223,7 @@ cdef class Ring:
     cdef readonly int64_t tombstones
     cdef readonly int64_t abandoned
     cdef public list errors          # KafkaError objects seen by push (not EOF)
+    cdef object _schema_id_of        # value header -> schema id or None (RingView.schema_id)
 
     def __cinit__(self, Py_ssize_t max_messages, Py_ssize_t max_bytes, bint keep_headers=False):
         if max_messages < 1:
@@ -251,6 +255,24 @@ cdef class Ring:
         free(self.lens)
 
     # ------------------------------------------------------------------ state
+    @property
+    def schema_id_of(self):
+        """``schema_id_of(header) -> int | None`` or None (the default).
+
+        Set by the pipeline from its decoder (``ConfluentDecoder.schema_id_of``);
+        ``RingView.schema_id`` calls it with the first 5 bytes of a message's
+        value (fewer when the value is shorter), read straight from the arena,
+        so a dead letter can carry ``kfast.schema.id`` without the ring copying
+        the whole value or knowing the framing.
+        """
+        return self._schema_id_of
+
+    @schema_id_of.setter
+    def schema_id_of(self, fn):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"schema_id_of must be a callable or None, got {type(fn).__name__}")
+        self._schema_id_of = fn
+
     @property
     def used_messages(self):
         return self.head - self.tail
@@ -773,6 +795,20 @@ cdef class RingView:
         if s.flags & F_OVERSIZED:
             return self.ring.overflow[self.seqs[i]][1]
         return PyBytes_FromStringAndSize(<const char*>self.ring.arena + s.aoff + s.klen, s.vlen)
+
+    def schema_id(self, Py_ssize_t i):
+        """Schema id of message ``i``: ``ring.schema_id_of`` applied to the
+        value's first 5 bytes; None without that hook and for a tombstone."""
+        cdef Slot* s = self._get(i)
+        cdef Py_ssize_t n = min(s.vlen, <Py_ssize_t>SCHEMA_HEADER)
+        fn = self.ring._schema_id_of
+        if fn is None or s.flags & F_TOMBSTONE:
+            return None
+        if s.flags & F_OVERSIZED:
+            header = self.ring.overflow[self.seqs[i]][1][:n]
+        else:
+            header = PyBytes_FromStringAndSize(<const char*>self.ring.arena + s.aoff + s.klen, n)
+        return fn(header)
 
     def headers(self, Py_ssize_t i):
         cdef Slot* s = self._get(i)

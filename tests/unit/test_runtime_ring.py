@@ -281,3 +281,81 @@ def test_accessor_opt_out_disables_in_place_message_reads():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def framed(schema_id: int, body: bytes = b"\x02\x04ab") -> bytes:
+    return b"\x00" + schema_id.to_bytes(4, "big") + body
+
+
+def test_schema_id_is_none_without_a_hook():
+    ring = Ring(10, 1024)
+    assert ring.schema_id_of is None
+    ring.assign("t", 0)
+    ring.push([msg(0, value=framed(7))])
+    _, view = decode_all(ring)
+    assert view.schema_id(0) is None
+    with pytest.raises(TypeError, match="schema_id_of"):
+        ring.schema_id_of = 5  # type: ignore[assignment]
+
+
+def test_schema_id_reads_the_confluent_header_from_the_arena():
+    from kfast.confluent import frame_schema_id
+
+    seen: list[bytes] = []
+
+    def hook(header: bytes) -> int | None:
+        seen.append(header)
+        return frame_schema_id(header)
+
+    ring = Ring(10, 1024)
+    ring.schema_id_of = hook
+    ring.assign("t", 0)
+    values = [
+        framed(7),
+        b"\x00\x01\x02\x03\x04",  # exactly the header: an empty record
+        None,  # tombstone: not in the view
+        b"\x00\x00\x01",  # truncated
+        b"",
+        b"\x01\x00\x00\x00\x07\x02",  # wrong magic byte
+        framed(0xFFFFFFFF),
+    ]
+    msgs = [msg(i, value=v, tombstone=v is None) for i, v in enumerate(values)]
+    msgs[1] = msg(1, value=values[1], key=None)  # no key: the value starts at the record
+    assert ring.push(msgs) == 7
+    _, view = decode_all(ring)
+    assert [view.offset(i) for i in range(len(view))] == [0, 1, 3, 4, 5, 6]
+    assert [view.schema_id(i) for i in range(len(view))] == [
+        7,
+        0x01020304,
+        None,
+        None,
+        None,
+        0xFFFFFFFF,
+    ]
+    # only the header is handed out, never the whole value
+    assert seen == [v[:5] for v in values if v is not None]
+    ring.release(ring.head)
+    with pytest.raises(IndexError):
+        view.schema_id(0)
+
+
+def test_schema_id_of_oversized_and_wrapped_messages():
+    from kfast.confluent import frame_schema_id
+
+    ring = Ring(10, 64)
+    ring.schema_id_of = frame_schema_id
+    ring.assign("t", 0)
+    big = framed(42, b"x" * 500)
+    assert ring.push([msg(0, value=big), msg(1, value=framed(43, b"y" * 20))]) == 2
+    _, view = decode_all(ring)
+    assert ring.oversized == 1
+    assert view.schema_id(0) == 42 and view.schema_id(1) == 43
+    ring.release(1)
+    # The newest record stays live, so write positions never reset: ~20-byte records
+    # through a 64-byte arena wrap every few pushes.
+    for off in range(2, 30):
+        assert ring.push([msg(off, value=framed(off, b"z" * 12))]) == 1
+        view = ring.decode(DEC, ring.head - 1, 1, Batch())
+        assert view.schema_id(0) == off
+        ring.release(ring.head - 1)
+    assert ring.oversized == 1
