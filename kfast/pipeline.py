@@ -285,6 +285,7 @@ class Pipeline:
         self._ran = True
         plan = self._plan
         self._ring = Ring(plan.ring_messages, plan.ring_bytes, keep_headers=self.dlq is not None)
+        self._ring.schema_id_of = getattr(self.decoder, "schema_id_of", None)
         self._source = Source(
             self.kafka,
             self.topics,
