@@ -4,10 +4,12 @@
 
 1. **reserve**: interpreter objects, metrics, librdkafka internals we do not
    size ourselves (10% of the limit, at least 8 MiB);
-2. **batch buffers**: the decoded columns of the batch being delivered plus
-   the sink's wire-format buffer, estimated as ``4 x BatchPolicy.max_bytes``
+2. **batch buffers**: per batch in flight, the decoded columns plus the
+   sink's wire-format buffer, estimated as ``4 x BatchPolicy.max_bytes``
    (columns of small Avro records are 2-3x the payload) plus the per-row
-   pointer arrays;
+   pointer arrays. Two batches are in flight (one decoded while the previous
+   one is delivered) when both fit in a third of the limit; otherwise one,
+   and decoding and delivery alternate;
 3. **DLQ producer queue** (only with a DeadLetterPolicy): ``min(16 MiB, limit/16)``;
 4. what remains is split 40/60 between **librdkafka prefetch** and the **ring**:
 
@@ -69,6 +71,7 @@ class MemoryPlan:
     limit: int
     reserve: int
     batch_buffers: int
+    batches_in_flight: int
     dlq_queue: int
     prefetch: int
     fetch_max_bytes: int
@@ -116,7 +119,7 @@ class MemoryPlan:
             ("  queued.max.messages.kbytes", self.queued_max_messages_kbytes * KiB),
             ("ring", self.ring),
             (f"  arena ({self.ring_messages} slots)", self.ring_bytes),
-            ("batch buffers", self.batch_buffers),
+            (f"batch buffers ({self.batches_in_flight} in flight)", self.batch_buffers),
             ("DLQ producer queue", self.dlq_queue),
             ("reserve (interpreter, librdkafka internals)", self.reserve),
             ("total", self.total),
@@ -162,7 +165,11 @@ def plan_memory(
     explicit: list[str] = []
     reserve = max(8 * MiB, limit // 10)
     batch_max_bytes = int(batch.max_bytes)
-    batch_buffers = BATCH_FACTOR * batch_max_bytes + BATCH_ROW_BYTES * batch.max_rows
+    per_batch = BATCH_FACTOR * batch_max_bytes + BATCH_ROW_BYTES * batch.max_rows
+    # decode-ahead only where the second batch is cheap next to the limit: small
+    # limits keep their ring and prefetch rather than overlap decode and delivery
+    batches_in_flight = 2 if 2 * per_batch <= limit // 3 else 1
+    batch_buffers = batches_in_flight * per_batch
     dlq_queue = min(16 * MiB, limit // 16) if dlq else 0
 
     fetch = _int_setting(kafka, "fetch.max.bytes")
@@ -186,7 +193,7 @@ def plan_memory(
         named = ", ".join(explicit) if explicit else "none"
         raise ConfigError(
             f"memory_limit: {limit} bytes cannot hold batch buffers of {batch_buffers} bytes "
-            f"(4 x batch.max_bytes + rows), DLQ queue {dlq_queue}, reserve {reserve} and the "
+            f"({batches_in_flight} x (4 x batch.max_bytes + rows)), DLQ queue {dlq_queue}, reserve {reserve} and the "
             f"explicit settings [{named}] totalling {fixed_needed} bytes; raise memory_limit "
             f"or lower those settings"
         )
@@ -250,6 +257,7 @@ def plan_memory(
         limit=limit,
         reserve=reserve,
         batch_buffers=batch_buffers,
+        batches_in_flight=batches_in_flight,
         dlq_queue=dlq_queue,
         prefetch=prefetch,
         fetch_max_bytes=fetch,

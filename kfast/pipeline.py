@@ -1,6 +1,6 @@
 """``kfast.Pipeline``: Kafka -> ring -> decoder -> sink, bounded and at-least-once.
 
-Two threads:
+Three threads:
 
 * the **poll thread** (the thread that calls :meth:`Pipeline.run`) owns the
   consumer: it calls ``consume()``, copies messages into the ring, pauses and
@@ -8,10 +8,13 @@ Two threads:
   to drop a message, runs the rebalance callbacks and commits offsets. It
   never blocks on the sink, so ``max.poll.interval.ms`` is never exceeded,
   however long the sink stalls;
-* the **worker thread** takes batches out of the ring (``BatchPolicy``),
-  decodes them with the GIL released (so decoding overlaps polling on two
-  cores), delivers them (``kfast.delivery.Delivery`` when present: retries,
-  bisection, DLQ) and marks them durable in the offset tracker.
+* the **decoder thread** takes batches out of the ring (``BatchPolicy``) and
+  decodes them with the GIL released, so decoding overlaps polling and, with
+  two batches in flight (``MemoryPlan.batches_in_flight``), the delivery of
+  the previous batch;
+* the **worker thread** delivers the decoded batches in ring order
+  (``kfast.delivery.Delivery`` when present: retries, bisection, DLQ), marks
+  them durable in the offset tracker and releases their ring slots.
 
 See docs/concepts.md for the design and docs/operations.md for rebalances,
 shutdown and tuning.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import resource
 import signal
 import threading
@@ -85,6 +89,7 @@ class _Stats:
     decode_errors: int = 0
     written_rows: int = 0
     batches: int = 0
+    batches_decoded: int = 0
     pauses: int = 0
     resumes: int = 0
     seeks: int = 0
@@ -235,10 +240,10 @@ class Pipeline:
         consumer_config(self.kafka, self._plan.kafka_settings())
 
         self._stop = threading.Event()  # stop() called: drain and shut down
-        self._worker_stop = threading.Event()  # worker: leave after the current batch
-        self._data = threading.Event()  # poll -> worker: new messages in the ring
+        self._worker_stop = threading.Event()  # worker, decoder: leave after the current batch
+        self._data = threading.Event()  # poll -> decoder: new messages in the ring
         self._released = threading.Event()  # worker -> poll: slots released
-        self._flush = threading.Event()  # worker: do not wait for max_wait
+        self._flush = threading.Event()  # decoder: do not wait for max_wait
         self._running = False
         self._ran = False
         self._worker_error: BaseException | None = None
@@ -252,7 +257,10 @@ class Pipeline:
         self._assignment_changed = False
         self._paused_partitions = 0
         self._closing = False
-        self._read = 0
+        # decoder thread -> worker: (batch, view, first slot, slots) in ring order, then None
+        self._ready: queue.Queue[Any] = queue.Queue()
+        # worker -> decoder thread: delivered batches to decode into again
+        self._free: queue.Queue[Any] = queue.Queue()
         self._metrics_server: Any = None
         self.exit_reason = ""
 
@@ -300,16 +308,18 @@ class Pipeline:
             opener(PipelineInfo(group_id=self.group_id, topics=list(self.topics)))
         previous_handlers = self._install_handlers()
         self._start_metrics_server()
+        decoder = threading.Thread(target=self._decode_loop, name="kfast-decoder", daemon=True)
         worker = threading.Thread(target=self._work, name="kfast-worker", daemon=True)
         self._stats.started = time.monotonic()
         self._running = True
         try:
             self._source.subscribe()
+            decoder.start()
             worker.start()
             self._poll_loop()
-            self._drain(worker)
+            self._drain()
         finally:
-            self._shutdown(worker)
+            self._shutdown(worker, decoder)
             self._restore_handlers(previous_handlers)
             self._running = False
         if self._worker_error is not None:
@@ -565,22 +575,40 @@ class Pipeline:
         if batch.num_rows:
             self.sink.write(batch)
 
-    def _work(self) -> None:
+    def _decode_loop(self) -> None:
+        """Decoder thread: cut the ring into batches (``BatchPolicy``) and decode them.
+
+        It decodes into one of ``batches_in_flight`` recycled Batch objects and hands
+        each to the worker in ring order. With two, batch N+1 is decoded while the
+        worker delivers batch N (decoding releases the GIL, and so does the sink's
+        socket I/O); with one, it waits for the worker to return the batch, so
+        decoding and delivery alternate.
+        """
         from kfast._batch import Batch
 
         ring = self._ring
-        stats = self._stats
         decoder = self.decoder
         max_rows = self.batch_policy.max_rows
         max_bytes = int(self.batch_policy.max_bytes)
         max_wait = float(self.batch_policy.max_wait)
-        lat = stats.latency
-        batch = Batch()
+        stats = self._stats
+        lat = stats.latency["decode"]
+        free = self._free
+        ready = self._ready
+        for _ in range(self._plan.batches_in_flight):
+            free.put(Batch())
+        read = 0  # next ring slot to decode; the worker releases behind it
         first_seen = 0.0
+        batch: Any = None
         try:
-            while not self._worker_stop.is_set():
+            while not self._worker_stop.is_set() and self._worker_error is None:
+                if batch is None:
+                    try:
+                        batch = free.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
                 self._data.clear()
-                avail = ring.head - self._read
+                avail = ring.head - read
                 if avail <= 0:
                     first_seen = 0.0
                     self._data.wait(0.05)
@@ -588,7 +616,7 @@ class Pipeline:
                 now = time.monotonic()
                 if not first_seen:
                     first_seen = now
-                count, nbytes = ring.span(self._read, max_rows, max_bytes)
+                count, nbytes = ring.span(read, max_rows, max_bytes)
                 if (
                     count < max_rows
                     and nbytes < max_bytes
@@ -598,15 +626,45 @@ class Pipeline:
                     self._data.wait(max_wait - (now - first_seen))
                     continue
                 first_seen = 0.0
-                start = self._read
                 t0 = time.perf_counter()
                 try:
-                    view = ring.decode(decoder, start, count, batch)
+                    view = ring.decode(decoder, read, count, batch)
                 except BufferError:
-                    # the sink kept a view of the previous batch's buffers:
-                    # leave that batch to it and decode into a fresh one
+                    # the sink kept a view of this batch's buffers from an earlier
+                    # delivery: leave them to it and decode into a fresh batch
                     batch = Batch()
-                    view = ring.decode(decoder, start, count, batch)
+                    view = ring.decode(decoder, read, count, batch)
+                with stats.lock:
+                    lat.append(time.perf_counter() - t0)
+                    stats.batches_decoded += 1
+                ready.put((batch, view, read, count))
+                read += count
+                batch = None
+        except BaseException as e:
+            log.error("decoder stopped: %r", e)
+            self._worker_error = e
+            self._released.set()
+        finally:
+            ready.put(None)  # wakes the worker; nothing follows
+
+    def _work(self) -> None:
+        """Worker thread: deliver decoded batches in ring order, then release their slots."""
+        ring = self._ring
+        stats = self._stats
+        lat = stats.latency
+        free = self._free
+        ready = self._ready
+        try:
+            while not self._worker_stop.is_set():
+                try:
+                    item = ready.get(timeout=0.05)
+                except queue.Empty:
+                    if self._worker_error is not None:
+                        return
+                    continue
+                if item is None:
+                    return
+                batch, view, start, count = item
                 t1 = time.perf_counter()
                 if batch.num_rows or batch.errors:
                     batch.context = BatchContext(
@@ -621,7 +679,8 @@ class Pipeline:
                 batch.context = None
                 del view
                 ring.release(start + count)
-                self._read = start + count
+                free.put(batch)
+                del batch
                 self._released.set()
                 with stats.lock:
                     stats.batches += 1
@@ -633,7 +692,6 @@ class Pipeline:
                     while b < len(_BATCH_BUCKETS) and count > _BATCH_BUCKETS[b]:
                         b += 1
                     stats.batch_hist[b] += 1
-                    lat["decode"].append(t1 - t0)
                     lat["deliver"].append(t2 - t1)
                     if ts > 0:
                         lat["end_to_end"].append(max(0.0, time.time() - ts / 1000.0))
@@ -643,7 +701,7 @@ class Pipeline:
             self._released.set()
 
     # -------------------------------------------------------------- shutdown
-    def _drain(self, worker: threading.Thread) -> None:
+    def _drain(self) -> None:
         """Stop taking messages; let the worker finish what the ring holds (bounded)."""
         if self._worker_error is not None:
             return
@@ -675,12 +733,14 @@ class Pipeline:
                 self._commit(asynchronous=True)
                 next_commit = time.monotonic() + self._commit_interval
 
-    def _shutdown(self, worker: threading.Thread) -> None:
+    def _shutdown(self, worker: threading.Thread, decoder: threading.Thread) -> None:
         self._worker_stop.set()
         self._flush.set()
         self._data.set()
         if worker.is_alive():
             worker.join(timeout=min(5.0, self._drain_timeout))
+        if decoder.is_alive():
+            decoder.join(timeout=5.0)  # decoding one batch takes milliseconds
         worker_stuck = worker.is_alive()
         self._closing = True
         if self._source is not None:
@@ -748,11 +808,12 @@ class Pipeline:
                 (f"<={b}" if i < len(_BATCH_BUCKETS) else f">{_BATCH_BUCKETS[-1]}"): s.batch_hist[i]
                 for i, b in enumerate((*_BATCH_BUCKETS, _BATCH_BUCKETS[-1]))
             }
-            decoded, errors, written, batches = (
+            decoded, errors, written, batches, batches_decoded = (
                 s.decoded_rows,
                 s.decode_errors,
                 s.written_rows,
                 s.batches,
+                s.batches_decoded,
             )
         ring_stats = ring.stats() if ring is not None else {}
         consumed = ring_stats.get("pushed", 0)
@@ -765,6 +826,7 @@ class Pipeline:
             "decode_errors": errors,
             "written": written,
             "batches": batches,
+            "batches_decoded": batches_decoded,
             "rates": {
                 "consumed_per_s": consumed / elapsed if elapsed else 0.0,
                 "written_per_s": written / elapsed if elapsed else 0.0,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import time
+from typing import Any
 
 import pytest
 from runtime_util import Recorder, Runner, pipeline, produce_ids, wait_until
@@ -49,6 +51,79 @@ def test_no_loss_no_duplicates(kafka_broker, kafka_consumer_config, unique_topic
 @pytest.mark.slow
 def test_no_loss_no_duplicates_1m(kafka_broker, kafka_consumer_config, unique_topic, unique_group):
     _no_loss_no_dup(kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_SLOW)
+
+
+class _HoldFirstWrite(Recorder):
+    """Stays inside the first write() until ``release()`` returns True (or 30 s pass)."""
+
+    def __init__(self, release: Any) -> None:
+        super().__init__()
+        self.release = release
+        self.held: bool | None = None
+
+    def write(self, batch: Any) -> None:
+        if self.held is None:
+            deadline = time.monotonic() + 30
+            while not self.release() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.held = bool(self.release())
+        super().write(batch)
+
+
+def test_next_batch_is_decoded_while_the_sink_writes(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    """Two batches in flight: batch 2 is decoded while write(batch 1) runs, and the
+    rows still reach the sink in ring order, each once."""
+    n = 4_000
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    produce_ids(kafka_broker, unique_topic, 0, n, 1)
+    holder: list[kfast.Pipeline] = []
+    sink = _HoldFirstWrite(lambda: holder[0].metrics()["batches_decoded"] >= 2)
+    pipe = pipeline(
+        kafka_consumer_config(unique_group),
+        unique_topic,
+        sink,
+        batch=kfast.BatchPolicy(max_rows=1_000, max_wait=0.5),
+    )
+    assert pipe.memory_plan().batches_in_flight == 2
+    holder.append(pipe)
+    r = Runner(pipe)
+    wait_until(lambda: sink.count() >= n, 60, "all rows")
+    r.stop()
+    assert sink.held is True, "batch 2 was not decoded while batch 1 was being written"
+    assert sink.ids() == list(range(n))
+
+
+def test_one_batch_in_flight_under_a_small_memory_limit(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    """When two batches do not fit a third of memory_limit, decoding waits for delivery."""
+    n = 4_000
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    produce_ids(kafka_broker, unique_topic, 0, n, 1)
+    holder: list[kfast.Pipeline] = []
+    decoded_while_held: list[int] = []
+
+    def release() -> bool:
+        decoded_while_held.append(holder[0].metrics()["batches_decoded"])
+        return len(decoded_while_held) >= 50  # ~0.5 s inside write(batch 1)
+
+    sink = _HoldFirstWrite(release)
+    pipe = pipeline(
+        kafka_consumer_config(unique_group),
+        unique_topic,
+        sink,
+        memory_limit="48MiB",
+        batch=kfast.BatchPolicy(max_rows=1_000, max_wait=0.5),
+    )
+    assert pipe.memory_plan().batches_in_flight == 1
+    holder.append(pipe)
+    r = Runner(pipe)
+    wait_until(lambda: sink.count() >= n, 60, "all rows")
+    r.stop()
+    assert set(decoded_while_held) == {1}
+    assert sink.ids() == list(range(n))
 
 
 def test_restart_resumes_from_commit(

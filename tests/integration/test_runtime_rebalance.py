@@ -9,6 +9,8 @@ import threading
 import pytest
 from runtime_util import Recorder, Runner, pipeline, produce_ids, wait_until
 
+import kfast
+
 pytestmark = pytest.mark.integration
 
 CHURN = int(os.environ.get("KFAST_CHURN", "6"))
@@ -83,7 +85,18 @@ def test_revoke_with_stalled_sink_abandons_and_loses_nothing(
     stuck = Recorder(gate=gate)
     free = Recorder()
     conf = kafka_consumer_config(unique_group)
-    a = Runner(pipeline(conf, unique_topic, stuck, revoke_timeout=1.0, commit_interval=0.1))
+    # batches of 2,000: the stuck batch and the one decoded ahead of it leave
+    # 16,000 messages in the ring to abandon
+    a = Runner(
+        pipeline(
+            conf,
+            unique_topic,
+            stuck,
+            revoke_timeout=1.0,
+            commit_interval=0.1,
+            batch=kfast.BatchPolicy(max_rows=2_000),
+        )
+    )
     wait_until(stuck.writing.is_set, 60, "first write (stuck)")
     wait_until(lambda: a.pipe.metrics()["ring"]["pushed"] >= n, 60, "ring filled")
     b = Runner(pipeline(conf, unique_topic, free, commit_interval=0.1))
