@@ -23,14 +23,17 @@ def main(argv: list[str]) -> int:
     labels = {
         "naive": "consume + fastavro\n+ write_row (naive)",
         "kfast": "kfast Pipeline\n+ PostgresSink",
-        "ceiling": "COPY of pre-encoded\nbytes (server ceiling)",
+        "ceiling": "COPY of pre-encoded\nbytes (ceiling)",
+        "kfast_2conn": "kfast, PostgresSink\n(connections=2)",
+        "ceiling_2conn": "ceiling,\n2 connections",
     }
-    keys = ["naive", "kfast", "ceiling"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [k for k in ("naive", "kfast", "ceiling", "kfast_2conn", "ceiling_2conn") if k in rates]
+    colors = {"naive": "#999999", "kfast": "#2b7bba", "kfast_2conn": "#6fa8dc"}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     bars = ax.bar(
         [labels[k] for k in keys],
         [rates[k] / 1000 for k in keys],
-        color=["#999999", "#2b7bba", "#cccccc"],
+        color=[colors.get(k, "#cccccc") for k in keys],
     )
     n = res["rows"]
     for i, (bar, k) in enumerate(zip(bars, keys)):
