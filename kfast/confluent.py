@@ -18,8 +18,11 @@ writer, like fastavro).
 Bad framing, unknown ids, an unreachable registry and unresolvable writer
 schemas are reported per payload as ``RowError`` s; they never raise.
 
-Protobuf: a registry entry whose ``schema_type`` is ``"PROTOBUF"`` is
-dispatched to ``kfast.protobuf`` (see :meth:`ConfluentDecoder.decode`).
+Protobuf: a batch whose first framed payload's id is ``"PROTOBUF"`` in the
+registry (or in ``protobuf_classes``) is handed to ``kfast.protobuf`` (see
+:meth:`ConfluentDecoder._batch_decoder`). Every such decision is made in
+``decode_spans`` hooks, so a ``kfast.Pipeline`` (whose ring calls
+``decode_spans`` on its arena) and ``decode(payloads)`` give the same rows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from kfast._batch import Batch
+from kfast._batch import BaseDecoder, Batch
 from kfast.avro import FramedAvroDecoder, Program
 from kfast.avro import schema as _schema
 from kfast.errors import ConfigError
@@ -145,6 +148,8 @@ class ConfluentDecoder(FramedAvroDecoder):
         if prog is not None:
             self._programs.move_to_end(schema_id)
             return prog
+        if schema_id in self.protobuf_classes:  # PROTOBUF without asking the registry
+            raise ConfigError("is a PROTOBUF schema; this batch is decoded as Avro")
         registered = self._fetch(schema_id)
         kind = self._schema_type(schema_id)
         if kind != "AVRO":
@@ -168,24 +173,41 @@ class ConfluentDecoder(FramedAvroDecoder):
         return _classify(schema_id, exc)
 
     # -- Protobuf dispatch ---------------------------------------------------
+    def _batch_decoder(self, first_schema_id: int) -> Any:
+        """Dispatch point, called by ``decode_spans`` (so by ``decode`` and by
+        the Pipeline's ring alike) with the schema id of the batch's first
+        framed payload: its schema type decides the decoder. ``"AVRO"`` (or
+        none) decodes here (returns None); ``"PROTOBUF"`` hands the whole batch
+        to ``kfast.protobuf.ConfluentProtobufDecoder`` (imported lazily,
+        constructed once with the same registry). A registry failure raises:
+        that id's payloads become RowErrors and the batch is decoded as Avro.
+        """
+        if first_schema_id in self.protobuf_classes:
+            return self._protobuf_decoder()
+        if self._schema_type(first_schema_id) == "PROTOBUF":
+            return self._protobuf_decoder()
+        return None
+
     def decode(self, payloads: Sequence[Any], out: Batch | None = None) -> Batch:
         """Decode a sequence of framed payloads into a Batch.
 
-        Dispatch point: the schema type of the batch's first framed payload
-        decides the decoder. ``"AVRO"`` (or none) decodes here; ``"PROTOBUF"``
-        hands the whole batch to ``kfast.protobuf.ConfluentProtobufDecoder``
-        (imported lazily, constructed once with the same registry).
+        The rows are those of ``decode_spans`` (what a Pipeline's ring calls):
+        the batch's first framed payload decides through ``_batch_decoder``.
+        This override only spares a Protobuf batch one copy: it hands the
+        caller's own payload objects over, where ``decode_spans`` can only
+        copy its spans into ``bytes`` for the Python-level Protobuf decoder.
         """
+        if not isinstance(payloads, (list, tuple)):
+            payloads = list(payloads)
         first = _first_schema_id(payloads)
-        if first is not None and first in self.protobuf_classes:
-            return self._protobuf_decoder().decode(payloads, out)
         if first is not None:
             try:
-                kind = self._schema_type(first)
-            except RuntimeError:
-                kind = "AVRO"  # the rows of that id become RowErrors below
-            if kind == "PROTOBUF":
-                return self._protobuf_decoder().decode(payloads, out)
+                other = self._batch_decoder(first)
+            except Exception:
+                other = None  # decode_spans asks again and reports that id's rows
+            if other is not None and not isinstance(other, BaseDecoder):
+                result: Batch = other.decode(payloads, out)
+                return result
         return super().decode(payloads, out)
 
     def _protobuf_decoder(self) -> Any:

@@ -27,6 +27,7 @@ NULLFILL   c/d = columns to fill with null
 """
 
 cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
@@ -926,12 +927,30 @@ cdef class FramedAvroDecoder(BaseDecoder):
     column spec equals ``_columns_program()``'s, or raising LookupError
     (unknown id) / ConnectionError (registry unreachable) / another exception
     with a message; every payload of that id then becomes a RowError.
+
+    Every decision lives in ``decode_spans`` and these hooks: the ring calls
+    ``decode_spans`` directly, so a Pipeline and ``decode(payloads)`` give
+    the same rows. An override of ``decode`` may only be a shortcut to those
+    rows (``ConfluentDecoder``'s spares a Protobuf batch a copy).
     """
     def _program_for(self, schema_id):
         raise NotImplementedError
 
     def _columns_program(self, first_schema_id):
         raise NotImplementedError
+
+    def _batch_decoder(self, first_schema_id):
+        """Who decodes a batch, asked once per batch with the schema id of its
+        first framed payload: None (the default) decodes it here as Avro; an
+        other decoder gets the whole batch instead (``ConfluentDecoder``: a
+        Protobuf id). Raising makes that id's payloads RowErrors
+        (``_failure_reason``) and the batch is decoded here.
+
+        A BaseDecoder is handed the spans (``decode_spans``: no copy); any
+        other object must have ``decode(payloads, out)``, decode into ``out``
+        and return it, and receives each payload copied once as ``bytes``.
+        """
+        return None
 
     cdef int decode_spans(self, const unsigned char** ptrs, const Py_ssize_t* lens,
                           Py_ssize_t n, Batch out) except -1:
@@ -964,12 +983,29 @@ cdef class FramedAvroDecoder(BaseDecoder):
                     ids[i] = -2
                     continue
                 ids[i] = (<int64_t>p[1] << 24) | (<int64_t>p[2] << 16) | (<int64_t>p[3] << 8) | p[4]
-            # 2. one program per distinct id (Python, once per id and batch)
             programs = []
             failures = []      # per slot: reason string or None
             slot_ids = []
             slot_of = {}
             first_ok = None
+            # 2. the first framed payload's id decides who decodes the batch
+            for i in range(n):
+                if ids[i] < 0:
+                    continue
+                sid = ids[i]
+                try:
+                    other = self._batch_decoder(sid)
+                except Exception as exc:
+                    slot_of[sid] = 0
+                    slot_ids.append(sid)
+                    programs.append(None)
+                    failures.append(self._failure_reason(sid, exc))
+                    break
+                if other is not None:
+                    _hand_over(other, ptrs, lens, n, out)
+                    return 0
+                break
+            # 3. one program per distinct id (Python, once per id and batch)
             for i in range(n):
                 if ids[i] < 0:
                     slot[i] = -1
@@ -1014,7 +1050,7 @@ cdef class FramedAvroDecoder(BaseDecoder):
                 refs[i].ints = prog.ints
                 refs[i].blob = prog.blob
                 refs[i].root = prog.root
-            # 3. decode with the GIL released; OBJECT spans carry their program
+            # 4. decode with the GIL released; OBJECT spans carry their program
             # slot so each is converted with its own writer schema
             converters = tuple(
                 _TaggedConverter(programs, k) if conv is not None else None
@@ -1077,6 +1113,29 @@ cdef class FramedAvroDecoder(BaseDecoder):
 
     def _failure_reason(self, schema_id, exc):
         return f"schema id {schema_id}: {exc}"
+
+
+cdef int _hand_over(object decoder, const unsigned char** ptrs, const Py_ssize_t* lens,
+                    Py_ssize_t n, Batch out) except -1:
+    """Let ``decoder`` decode the whole batch into ``out``.
+
+    A compiled decoder (BaseDecoder) reads the spans themselves, like the
+    ring's own call: no copy. Any other object gets ``decode(payloads, out)``
+    with each span copied once into a ``bytes`` (never a view: a payload kept
+    past the call must not read the ring's arena after it is recycled)."""
+    cdef Py_ssize_t i
+    cdef list payloads
+    if isinstance(decoder, BaseDecoder):
+        (<BaseDecoder>decoder).decode_spans(ptrs, lens, n, out)
+        return 0
+    payloads = [None] * n
+    for i in range(n):
+        payloads[i] = PyBytes_FromStringAndSize(<const char*>ptrs[i], lens[i])
+    result = decoder.decode(payloads, out)
+    if result is not out:
+        raise TypeError(f"{type(decoder).__name__}.decode(payloads, out) must decode into "
+                        f"out and return it, got {type(result).__name__}")
+    return 0
 
 
 class _TaggedConverter:

@@ -248,3 +248,102 @@ def test_schema_id_of_reads_the_frame_header(mock_registry: Any) -> None:
     for bad in (b"", b"\x00", b"\x00\x00\x00\x01", b"\x01\x00\x00\x00\x01\x02"):
         assert dec.schema_id_of(bad) is None
     assert not hasattr(kfast.AvroDecoder(V1), "schema_id_of")  # unframed: no schema id
+
+
+# -- the span-level path: what a Pipeline's ring calls (decode_spans on its arena) --
+
+
+def via_ring(dec: Any, values: list[bytes], out: Any = None) -> Any:
+    from confluent_kafka import Message
+
+    from kfast.ring import Ring
+
+    ring = Ring(len(values) + 1, 1 << 20)
+    ring.assign("t", 0)
+    msgs = [Message(topic="t", partition=0, offset=i, key=None, value=v, timestamp=(1, 0))
+            for i, v in enumerate(values)]  # fmt: skip
+    assert ring.push(msgs) == len(values)
+    batch = kfast.Batch() if out is None else out
+    ring.decode(dec, 0, len(values), batch)
+    return batch
+
+
+def assert_same_batch(a: Any, b: Any) -> None:
+    assert list(a.source_indices) == list(b.source_indices)
+    assert a.column_names == b.column_names
+    assert a.to_pylist() == b.to_pylist()
+    assert a.errors == b.errors
+
+
+def test_ring_path_matches_decode(mock_registry: Any) -> None:
+    reg, id1, id2, id3 = mock_registry
+    good = frame(id1, V1, {"id": 1})
+    values = [frame(id2, V2, {"id": 2, "email": "e"}), good, b"", b"\x05" + good[1:],
+              frame(424242, V1, {"id": 3}), good[:-1], frame(id3, OTHER, {"id": "x"}),
+              frame(id1, V1, {"id": 4})]  # fmt: skip
+    for reader in (None, V2):
+        want = ConfluentDecoder(reg, reader).decode(values)
+        got = via_ring(ConfluentDecoder(reg, reader), values)
+        assert_same_batch(got, want)
+        assert got.num_rows == 3 and len(got.errors) == 5
+
+
+def test_ring_path_hands_protobuf_batches_over(http_registry: str) -> None:
+    reg = SchemaRegistryClient({"url": http_registry, "max.retries": 0})
+    dec = ConfluentDecoder(reg)
+    seen: list[Any] = []
+
+    class FakeProtobuf:
+        def decode(self, payloads: Any, out: Any = None) -> Any:
+            seen.append(payloads)
+            return out
+
+    dec._protobuf = FakeProtobuf()
+    values = [frame(9, V1, {"id": 1}), b"\x01", frame(7, V1, {"id": 2})]
+    out = kfast.Batch()
+    assert via_ring(dec, values, out) is out
+    assert seen == [values]  # the whole batch, copied out of the ring's arena
+    assert all(type(p) is bytes for p in seen[0])
+
+    class Wrong(FakeProtobuf):
+        def decode(self, payloads: Any, out: Any = None) -> Any:
+            return "not the batch"
+
+    dec._protobuf = Wrong()
+    with pytest.raises(TypeError, match="must decode into out"):
+        via_ring(dec, values)
+
+
+def test_batch_decoder_may_be_a_compiled_decoder(mock_registry: Any) -> None:
+    """A BaseDecoder returned by ``_batch_decoder`` is handed the spans (no copy)."""
+    reg, id1, id2, _ = mock_registry
+    inner = ConfluentDecoder(reg, reader_schema=V1)
+
+    class Delegating(ConfluentDecoder):
+        def _batch_decoder(self, first_schema_id: int) -> Any:
+            return inner if first_schema_id == id1 else None
+
+    values = [frame(id1, V1, {"id": 1}), frame(id2, V2, {"id": 2, "email": None})]
+    for batch in (Delegating(reg, V2).decode(values), via_ring(Delegating(reg, V2), values)):
+        assert batch.column_names == ["id"]  # inner's reader schema, not V2
+        assert [e.index for e in batch.errors] == [1]  # V2's long id does not fit V1's int
+    assert via_ring(Delegating(reg, V2), values[::-1]).column_names == ["id", "email"]
+
+
+def test_ring_path_asks_a_failing_registry_once_per_batch(mock_registry: Any) -> None:
+    reg, id1, _, _ = mock_registry
+    calls: list[int] = []
+
+    class Down:
+        def get_schema(self, schema_id: int) -> Any:
+            calls.append(schema_id)
+            if schema_id == 5:
+                raise ConnectionError("connection refused")
+            return reg.get_schema(schema_id)
+
+    values = [frame(5, V1, {"id": 1}), frame(id1, V1, {"id": 2}), frame(5, V1, {"id": 3})]
+    batch = via_ring(ConfluentDecoder(Down()), values)
+    assert batch.to_pylist() == [{"id": 2}]
+    assert [e.index for e in batch.errors] == [0, 2]
+    assert batch.errors[0].reason.startswith("schema registry unreachable for schema id 5")
+    assert calls.count(5) == 1

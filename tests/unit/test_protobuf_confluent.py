@@ -139,3 +139,37 @@ def test_schema_id_of_reads_the_frame_header() -> None:
     for bad in (b"", b"\x00\x00\x00\x07", b"\x01\x00\x00\x00\x07\x00"):
         assert dec.schema_id_of(bad) is None
     assert not hasattr(kfast.ProtobufDecoder(pb3.Tree), "schema_id_of")
+
+
+def test_pipeline_ring_path_matches_decode() -> None:
+    """The ring calls ``decode_spans``; a Protobuf batch must not be read as Avro there."""
+    from confluent_kafka import Message
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    from kfast.ring import Ring
+
+    client = SchemaRegistryClient.new_client({"url": "mock://kfast-protobuf-ring"})
+    text = 'syntax = "proto3"; package ring; message Order { int64 id = 1; string sku = 2; }'
+    sid = client.register_schema("ring-value", Schema(text, "PROTOBUF"))
+    values = [frame(sid, b"\x00", b"\x08\x2a\x12\x03abc"), frame(sid, b"\x00", b"\x12\x05ab"),
+              b"\x01" + frame(sid, b"\x00", b"")[1:], frame(123456, b"\x00", b""),
+              frame(sid, b"\x02\x00", b"\x08\x07")]  # fmt: skip
+    t = pb3.Tree(value=3).SerializeToString()
+    by_classes = [frame(7, b"\x02\x06", t)] * 3 + [frame(7, b"\x00", t)]
+    cases = [
+        (lambda: kfast.ConfluentDecoder(client), values),
+        (lambda: kfast.ConfluentDecoder(client, protobuf_classes={7: pb3.Tree}), by_classes),
+    ]
+    for make, vals in cases:
+        ring = Ring(len(vals) + 1, 1 << 20)
+        ring.assign("t", 0)
+        ring.push([Message(topic="t", partition=0, offset=i, key=None, value=v, timestamp=(1, 0))
+                   for i, v in enumerate(vals)])  # fmt: skip
+        got = kfast.Batch()
+        ring.decode(make(), 0, len(vals), got)
+        want = make().decode(vals)
+        assert got.num_rows == want.num_rows == len(vals) - len(want.errors) >= 2
+        assert list(got.source_indices) == list(want.source_indices)
+        assert got.to_pylist() == want.to_pylist()
+        assert got.errors == want.errors
+        assert not any("Avro" in e.reason for e in got.errors)
