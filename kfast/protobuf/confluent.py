@@ -197,7 +197,14 @@ class ConfluentProtobufDecoder:
     def _file(self, schema_id: int) -> Any:
         f = self._files.get(schema_id)
         if f is None:
-            schema = self.registry.get_schema(schema_id)
+            from kfast.confluent import _classify
+
+            try:
+                schema = self.registry.get_schema(schema_id)
+                if schema is None:
+                    raise LookupError("not found")
+            except Exception as exc:  # the same reasons as ConfluentDecoder's Avro rows
+                raise LookupError(_classify(schema_id, exc)) from exc
             kind = str(getattr(schema, "schema_type", "") or "").upper()
             if kind != "PROTOBUF":
                 raise ConfigError(f"schema id {schema_id} is {kind or 'AVRO'}, not PROTOBUF")

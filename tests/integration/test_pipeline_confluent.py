@@ -274,6 +274,9 @@ def test_protobuf_schemas_from_the_registry(
     assert rows[b"3"] == {"id": 3, "sku": "s3"}  # V2 payload read as the first type (V1)
     reasons = [h["kfast.error.message"].decode() for h in headers.values()]
     assert not any("decoded as Avro" in r for r in reasons), reasons
+    assert headers[b"4"]["kfast.error.message"].startswith(
+        f"unknown schema id {UNKNOWN_ID} (registry: ".encode()
+    )
 
 
 def test_protobuf_classes_without_registry(

@@ -173,3 +173,25 @@ def test_pipeline_ring_path_matches_decode() -> None:
         assert got.to_pylist() == want.to_pylist()
         assert got.errors == want.errors
         assert not any("Avro" in e.reason for e in got.errors)
+
+
+def test_registry_failures_read_like_the_avro_ones() -> None:
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    client = SchemaRegistryClient.new_client({"url": "mock://kfast-protobuf-reasons"})
+    sid = client.register_schema("r-value", Schema('syntax = "proto3"; message R { int64 a = 1; }',
+                                                   "PROTOBUF"))  # fmt: skip
+
+    class Down:
+        def get_schema(self, schema_id: int):
+            if schema_id == 9:
+                raise ConnectionError("connection refused")
+            return client.get_schema(schema_id)
+
+    batch = kfast.ConfluentDecoder(Down()).decode(
+        [frame(sid, b"\x00", b"\x08\x01"), frame(9, b"\x00", b""), frame(77777, b"\x00", b"")]
+    )
+    assert batch.to_pylist() == [{"a": 1}]
+    reasons = [e.reason for e in batch.errors]
+    assert reasons[0] == "schema registry unreachable for schema id 9: connection refused"
+    assert reasons[1].startswith("unknown schema id 77777 (registry: ")
