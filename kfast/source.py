@@ -7,7 +7,9 @@ untouched otherwise (``group.instance.id`` for static membership included):
 * ``enable.auto.commit=false`` and ``enable.auto.offset.store=false`` are
   forced; setting either to true is a :class:`kfast.ConfigError`;
 * ``partition.assignment.strategy`` defaults to ``cooperative-sticky``
-  (incremental rebalances: members keep their partitions while others join);
+  (incremental rebalances: members keep their partitions while others join),
+  except under ``group.protocol=consumer`` (KIP-848), where the broker assigns,
+  rebalances are always incremental and librdkafka rejects the setting;
 * the prefetch settings of the memory plan (``queued.max.messages.kbytes``,
   ``fetch.max.bytes``, ``max.partition.fetch.bytes``, ``queued.min.messages``)
   are filled in where the user did not set them, and
@@ -61,11 +63,17 @@ def consumer_config(
     conf = dict(kafka)
     for key in FORCED_FALSE:
         conf[key] = "false"
-    conf.setdefault("partition.assignment.strategy", "cooperative-sticky")
+    if not uses_consumer_protocol(conf):
+        conf.setdefault("partition.assignment.strategy", "cooperative-sticky")
     conf.setdefault("statistics.interval.ms", "5000")
     for key, value in (plan_settings or {}).items():
         conf.setdefault(key, value)
     return conf
+
+
+def uses_consumer_protocol(conf: dict[str, Any]) -> bool:
+    """True for ``group.protocol=consumer`` (KIP-848: the broker runs the assignment)."""
+    return str(conf.get("group.protocol", "classic")).strip().lower() == "consumer"
 
 
 class Source:
@@ -89,7 +97,10 @@ class Source:
         conf["on_commit"] = self._on_commit
         conf["error_cb"] = self._on_error
         self.config = {k: v for k, v in conf.items() if k not in _CALLBACK_KEYS}
-        self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
+        # KIP-848 rebalances are incremental whatever the (unset) strategy says
+        self.cooperative = uses_consumer_protocol(conf) or "cooperative" in str(
+            conf.get("partition.assignment.strategy", "")
+        )
         self.topics = list(topics)
         self._on_assign = on_assign
         self._on_revoke = on_revoke

@@ -13,11 +13,9 @@ Classic protocol: librdkafka notices the expired session itself as soon as the p
 again ("Consumer group session timed out ... revoking assignment"); the lost callback follows
 within milliseconds, and a commit A sent before it (when there is one) is rejected by the
 broker (UNKNOWN_MEMBER_ID). KIP-848 (``group.protocol=consumer``): the session timeout is
-the group's (``consumer.session.timeout.ms``, set below). That variant fails for now:
-``Pipeline.run()`` raises ConfigError because kfast.source sets
-``partition.assignment.strategy``, which librdkafka rejects under that protocol. With that
-default left out, it passes: the lost callback came ~10 ms after SIGCONT was handled, yet A
-still wrote 6,500-7,000 wave-1 rows after waking up (most of its ring; classic: 500-1,750).
+the group's (``consumer.session.timeout.ms``, set below); the lost callback came ~10 ms after
+SIGCONT was handled, yet A still wrote 6,500-7,000 wave-1 rows after waking up (most of its
+ring; classic: 500-1,750).
 
 ``KFAST_LOST_MESSAGES`` (default 8000) sets the size of the first wave.
 """
