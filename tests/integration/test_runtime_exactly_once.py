@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 from runtime_util import Runner, pipeline, produce_ids, wait_until
 
 from kfast.sinks.postgres import PostgresSink as _PostgresSink
@@ -20,9 +21,12 @@ class PostgresSink(_PostgresSink):
     stores_offsets = True
 
 
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_restart_starts_from_offsets_stored_in_postgres(
-    kafka_broker, kafka_consumer_config, pg_dsn, unique_topic, unique_group
+    kafka_broker, kafka_consumer_config, pg_dsn, unique_topic, unique_group, protocol
 ):
+    """Under both group protocols: KIP-848 (``consumer``) assigns incrementally, so the
+    stored offsets go through ``incremental_assign``."""
     table = "rt_" + unique_topic.replace("-", "_")[-40:]
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         c.execute(f"CREATE TABLE {table} (id bigint NOT NULL, name text NOT NULL)")
@@ -35,15 +39,18 @@ def test_restart_starts_from_offsets_stored_in_postgres(
 
     kafka_broker.create_topic(unique_topic, partitions=2)
     produce_ids(kafka_broker, unique_topic, 0, 1000, 2)
-    conf = kafka_consumer_config(unique_group)
+    conf = kafka_consumer_config(unique_group, **{"group.protocol": protocol})
     sink = PostgresSink(pg_dsn, table, mode="exactly_once")
     r = Runner(pipeline(conf, unique_topic, sink))
     wait_until(lambda: count()[0] >= 1000, 60, "first 1000 rows")
     r.stop()
     # Kafka's commits go back to 0 (lost, reset by an operator, ...): PostgreSQL's stay.
-    c = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": unique_group})
-    c.commit(offsets=[TopicPartition(unique_topic, p, 0) for p in range(2)], asynchronous=False)
-    c.close()
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    reset = ConsumerGroupTopicPartitions(
+        unique_group, [TopicPartition(unique_topic, p, 0) for p in range(2)]
+    )
+    for fut in admin.alter_consumer_group_offsets([reset]).values():
+        fut.result(30)
     produce_ids(kafka_broker, unique_topic, 1000, 500, 2)
     sink2 = PostgresSink(pg_dsn, table, mode="exactly_once")
     r2 = Runner(pipeline(conf, unique_topic, sink2))
