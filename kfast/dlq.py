@@ -274,7 +274,16 @@ class CircuitBreaker:
 
 
 class DeadLetterQueue:
-    """Sends dead letters and waits for their delivery reports."""
+    """Sends dead letters and waits for their delivery reports.
+
+    ``produce(records)`` hands records to the producer without waiting, so their
+    delivery overlaps with other work (the sink's writes); ``confirm(stop)`` returns
+    when every record produced since the last ``confirm`` has a successful delivery
+    report, re-sending the failed ones under the RetryPolicy. ``send`` is both.
+    Memory: the records awaiting confirmation (at most one batch's dead letters, the
+    caller confirms once per batch) and the producer queue bounded by
+    ``queue.buffering.max.*``.
+    """
 
     def __init__(
         self,
@@ -288,6 +297,8 @@ class DeadLetterQueue:
         self.config = producer_config(policy, kafka_config)
         self.retrier = retrier or Retrier(retry)
         self._producer: Any = None
+        self._unconfirmed = 0  # produced since the last confirm()
+        self._failed: list[tuple[DeadLetter, Any]] = []  # failed reports or refused produce()
         self.sent = 0
         self.retries = 0
 
@@ -303,44 +314,66 @@ class DeadLetterQueue:
 
     def send(self, records: Sequence[DeadLetter], stop: threading.Event | None = None) -> None:
         """Produce ``records``; return when every one has a successful delivery report."""
+        self.produce(records)
+        self.confirm(stop)
+
+    def produce(self, records: Sequence[DeadLetter]) -> None:
+        """Hand ``records`` to the producer without waiting for their delivery reports.
+
+        Blocks only while the producer queue is full. A record the producer refuses
+        (unknown topic, fatal producer error) is retried by :meth:`confirm`.
+        """
         if not records:
             return
-        pending = list(records)
+        self._produce(list(records))
+        self._unconfirmed += len(records)
+
+    def _produce(self, records: list[DeadLetter]) -> None:
+        producer = self._get_producer()
+        failed = self._failed
+
+        def report(rec: DeadLetter) -> Any:
+            def cb(err: Any, _msg: Any) -> None:
+                if err is not None:
+                    failed.append((rec, err))
+
+            return cb
+
+        for n, rec in enumerate(records):
+            while True:
+                try:
+                    producer.produce(
+                        self.policy.topic,
+                        value=rec.value,
+                        key=rec.key,
+                        headers=rec.headers,
+                        on_delivery=report(rec),
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+                except Exception as exc:  # KafkaException: unknown topic, fatal producer
+                    failed.extend((r, exc) for r in records[n:])
+                    return
+
+    def confirm(self, stop: threading.Event | None = None) -> None:
+        """Return when every record produced since the last ``confirm`` has a successful
+        delivery report; failed ones are re-sent under the RetryPolicy, after which
+        ``RetryExhausted`` propagates."""
+        if not self._unconfirmed and not self._failed:
+            return
+        count, self._unconfirmed = self._unconfirmed, 0
         timeout = int(self.config.get("message.timeout.ms", "30000")) / 1000.0
+        first = True
 
         def attempt() -> None:
-            nonlocal pending
+            nonlocal first
             producer = self._get_producer()
-            failed: list[tuple[DeadLetter, Any]] = []
-
-            def report(rec: DeadLetter) -> Any:
-                def cb(err: Any, _msg: Any) -> None:
-                    if err is not None:
-                        failed.append((rec, err))
-
-                return cb
-
-            refused: list[DeadLetter] = []
-            refusal: BaseException | None = None
-            for n, rec in enumerate(pending):
-                while True:
-                    try:
-                        producer.produce(
-                            self.policy.topic,
-                            value=rec.value,
-                            key=rec.key,
-                            headers=rec.headers,
-                            on_delivery=report(rec),
-                        )
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-                    except Exception as exc:  # KafkaException: unknown topic, fatal producer
-                        refused = list(pending[n:])
-                        refusal = exc
-                        break
-                if refusal is not None:
-                    break
+            if not first:  # re-send what failed last time
+                again = [rec for rec, _ in self._failed]
+                self._failed.clear()
+                self._produce(again)
+            first = False
             # message.timeout.ms bounds every delivery report; wait a bit longer.
             left = producer.flush(timeout + 10.0)
             if left:
@@ -348,26 +381,27 @@ class DeadLetterQueue:
                     f"DLQ producer still has {left} undelivered records after {timeout + 10:.0f}s "
                     "(message.timeout.ms did not fire); stopping without committing"
                 )
-            if refused:
-                failed.extend((rec, refusal) for rec in refused)
-            if failed:
-                pending = [rec for rec, _ in failed]
+            if self._failed:
                 raise DeadLetterUnavailable(
-                    f"{len(failed)} of the records sent to DLQ topic {self.policy.topic!r} failed: "
-                    f"{failed[0][1]}"
+                    f"{len(self._failed)} of the records sent to DLQ topic {self.policy.topic!r} "
+                    f"failed: {self._failed[0][1]}"
                 )
-            self.sent += len(records)
 
         def on_retry(_attempt: int, _exc: BaseException, _delay: float) -> None:
             self.retries += 1
 
-        self.retrier.run(
-            attempt,
-            stop,
-            retry_on=(DeadLetterUnavailable,),
-            on_retry=on_retry,
-            what=f"dead-lettering to {self.policy.topic!r}",
-        )
+        try:
+            self.retrier.run(
+                attempt,
+                stop,
+                retry_on=(DeadLetterUnavailable,),
+                on_retry=on_retry,
+                what=f"dead-lettering to {self.policy.topic!r}",
+            )
+        except BaseException:
+            self._failed.clear()  # the caller stops without committing; nothing carries over
+            raise
+        self.sent += count
 
     def close(self) -> None:
         if self._producer is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kfast.dlq import (
@@ -154,3 +156,88 @@ def test_kfast_replay_cli_is_wired(capsys: pytest.CaptureFixture[str]) -> None:
     assert ei.value.code == 0
     out = capsys.readouterr().out
     assert "--error-class" in out and "--to" in out and "--max-in-flight" in out
+
+
+class _FakeProducer:
+    """Calls delivery callbacks on flush(); the first ``fail`` records get an error."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.queued: list[tuple[bytes, Any]] = []
+        self.produced: list[bytes] = []
+        self.flushes = 0
+
+    def produce(self, topic: str, value: bytes, key: Any, headers: Any, on_delivery: Any) -> None:
+        self.queued.append((value, on_delivery))
+        self.produced.append(value)
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        self.flushes += 1
+        for value, cb in self.queued:
+            if self.fail > 0:
+                self.fail -= 1
+                cb("broker down", None)
+            else:
+                cb(None, value)
+        self.queued = []
+        return 0
+
+
+def _queue(producer: _FakeProducer, attempts: int = 3) -> Any:
+    from kfast.dlq import DeadLetterQueue
+    from kfast.retry import Retrier, RetryPolicy
+
+    policy = RetryPolicy(max_attempts=attempts, initial_backoff=0.001, max_backoff=0.001)
+    q = DeadLetterQueue(
+        DeadLetterPolicy("d"),
+        {"bootstrap.servers": "x:1"},
+        policy,
+        retrier=Retrier(policy, sleep=lambda _stop, _s: False),
+    )
+    q._producer = producer
+    return q
+
+
+def _letters(n: int) -> list[Any]:
+    from kfast.dlq import DeadLetter
+
+    return [DeadLetter(None, f"v{i}".encode(), [], "sink", "X") for i in range(n)]
+
+
+def test_produce_does_not_wait_and_confirm_waits_once() -> None:
+    fake = _FakeProducer()
+    q = _queue(fake)
+    q.produce(_letters(3))
+    q.produce(_letters(2))
+    assert fake.flushes == 0 and len(fake.produced) == 5  # in flight, nothing awaited yet
+    q.confirm()
+    assert fake.flushes == 1 and q.sent == 5
+    q.confirm()  # nothing new: no wait
+    assert fake.flushes == 1
+
+
+def test_confirm_resends_only_failed_records() -> None:
+    fake = _FakeProducer(fail=2)
+    q = _queue(fake)
+    q.produce(_letters(4))
+    q.confirm()
+    assert fake.produced == [b"v0", b"v1", b"v2", b"v3", b"v0", b"v1"]
+    assert q.sent == 4 and q.retries == 1
+
+
+def test_confirm_gives_up_under_the_retry_policy() -> None:
+    from kfast.errors import RetryExhausted
+
+    fake = _FakeProducer(fail=1000)
+    q = _queue(fake, attempts=2)
+    q.produce(_letters(2))
+    with pytest.raises(RetryExhausted):
+        q.confirm()
+    assert q.sent == 0
+    fake.fail = 0
+    q.produce(_letters(1))  # a later batch starts clean
+    q.confirm()
+    assert q.sent == 1
