@@ -55,7 +55,14 @@ from kfast.sinks._pgcopy import KIND_NAMES, CopyEncoder, EncodeError, column_kin
 if TYPE_CHECKING:  # pragma: no cover
     from kfast._batch import Batch
 
-__all__ = ["PostgresSink", "classify", "TRANSIENT_CLASSES", "PERMANENT_CLASSES", "CONFIG_CLASSES"]
+__all__ = [
+    "PostgresSink",
+    "RowTransaction",
+    "classify",
+    "TRANSIENT_CLASSES",
+    "PERMANENT_CLASSES",
+    "CONFIG_CLASSES",
+]
 
 MODES = ("copy", "upsert", "exactly_once")
 
@@ -133,6 +140,15 @@ def classify(exc: BaseException) -> KfastError:
 
 # Locator classes: data exceptions and integrity violations are raised for one row of a COPY.
 _LOCATOR_CLASSES = frozenset({"22", "23"})
+# Errors a row raises on its own, whatever else the table or the batch holds: data exceptions
+# (class 22: binary input, typmod overflow, expressions of CHECK constraints and generated
+# columns), NOT NULL (23502) and CHECK (23514: also domain checks and partition routing). Only
+# triggers can make them depend on other rows, so a table with user triggers has none.
+# Unique, foreign key and exclusion violations (23505, 23503, 23P01) depend on other rows.
+_ROW_ONLY_CLASSES = frozenset({"22"})
+_ROW_ONLY_STATES = frozenset({"23502", "23514"})
+_SAVEPOINT = "kfast_rows"
+_PROBE_TABLE = "kfast_probe"
 _INTEGER = re.compile(r"(?<![\w.])\d+(?![\w.])")
 
 
@@ -416,8 +432,11 @@ class PostgresSink:
         self.group_id: str | None = None
         self._conns: list[psycopg.Connection[Any] | None] = [None] * connections
         self._staged: set[int] = set()  # id() of connections that hold the staging table
+        # id() of a connection -> it holds the probe table (False: it could not create one)
+        self._probe_tables: dict[int, bool] = {}
         self._table_cols: dict[str, TableColumn] | None = None
         self._table_ident: sql.Composable | None = None
+        self._table_oid: int | None = None
         self._plan: Plan | None = None
         self._plan_layout: Any = None
         self._encoders: list[CopyEncoder] = []
@@ -472,6 +491,7 @@ class PostgresSink:
         self._conns[i] = None
         if conn is not None:
             self._staged.discard(id(conn))
+            self._probe_tables.pop(id(conn), None)
             try:
                 conn.close()
             except Exception:  # pragma: no cover - closing a broken socket
@@ -479,15 +499,22 @@ class PostgresSink:
 
     def _fail(self, i: int, exc: BaseException) -> KfastError:
         err = classify(exc)
-        conn = self._conns[i]
-        if isinstance(err, TransientSinkError) or conn is None or conn.broken:
+        if isinstance(err, TransientSinkError):
             self._drop(i)  # reconnect on the next attempt
         else:
-            try:
-                conn.rollback()
-            except psycopg.Error:
-                self._drop(i)
+            self._rollback(i)
         return err
+
+    def _rollback(self, i: int) -> None:
+        """Roll back connection ``i``'s transaction; drop the connection if that fails."""
+        conn = self._conns[i]
+        if conn is None or conn.broken:
+            self._drop(i)
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            self._drop(i)
 
     # ------------------------------------------------------------ open / introspection
 
@@ -523,6 +550,7 @@ class PostgresSink:
             )
         oid, nsp, rel = row
         self._table_ident = sql.Identifier(nsp, rel)
+        self._table_oid = int(oid)
         rows = conn.execute(
             "SELECT a.attname, t.typname, et.typname, COALESCE(et.oid, 0), a.attnotnull, "
             "a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', "
@@ -796,6 +824,7 @@ class PostgresSink:
         self._plan = plan
         self._plan_layout = layout
         self._staged.clear()
+        self._probe_tables.clear()
         return plan
 
     def _encoder_entries(self, plan: Plan) -> list[dict[str, Any]]:
@@ -842,11 +871,7 @@ class PostgresSink:
                 conn.commit()
             except EncodeError as exc:
                 self._fail(0, exc)
-                field_name = plan.columns[exc.field] if exc.field < len(plan.columns) else "?"
-                row = exc.row if 0 <= exc.row < batch.num_rows else None
-                raise PermanentSinkError(
-                    f"row {exc.row}: column {field_name!r}: {exc.reason}", sqlstate=None, row=row
-                ) from exc
+                raise self._encode_error(exc, plan, batch) from exc
             except psycopg.Error as exc:
                 err = self._fail(0, exc)
                 if isinstance(err, PermanentSinkError) and self._copying is not None:
@@ -857,6 +882,14 @@ class PostgresSink:
                 raise
             finally:
                 self._copying = None
+
+    @staticmethod
+    def _encode_error(exc: EncodeError, plan: Plan, batch: Batch) -> PermanentSinkError:
+        field_name = plan.columns[exc.field] if exc.field < len(plan.columns) else "?"
+        row = exc.row if 0 <= exc.row < batch.num_rows else None
+        return PermanentSinkError(
+            f"row {exc.row}: column {field_name!r}: {exc.reason}", sqlstate=None, row=row
+        )
 
     def _pre_encode(self, batch: Batch, plan: Plan) -> list[list[bytes | None]]:
         out = []
@@ -1133,6 +1166,75 @@ class PostgresSink:
             except psycopg.Error as exc:
                 raise self._fail(i, exc) from exc
 
+    # ------------------------------------------------------------ isolating bad rows
+
+    def row_transaction(self, batch: Batch) -> RowTransaction | None:
+        """A transaction in which the delivery layer isolates the bad rows of ``batch``.
+
+        See :class:`RowTransaction`. ``None`` in ``upsert`` mode and with ``key`` (their
+        constraint errors come from ``INSERT ... SELECT``, without a COPY line). In
+        ``exactly_once`` mode the batch's partitions are fenced first, as in :meth:`write`.
+        The sink is locked until the transaction is closed.
+        """
+        if self.mode == "upsert" or self.key:
+            return None
+        self._lock.acquire()
+        try:
+            plan = self._ensure_plan(batch)
+            pre = self._pre_encode(batch, plan)
+            conn = self._connect(0)
+            try:
+                probe = self._ensure_probe_table(conn)
+                triggers = self._has_user_triggers(conn)
+                allowed = self._fence(conn, batch) if self.mode == "exactly_once" else None
+            except psycopg.Error as exc:
+                raise self._fail(0, exc) from exc
+            return RowTransaction(self, conn, batch, plan, pre, allowed, triggers, probe)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _ensure_probe_table(self, conn: psycopg.Connection[Any]) -> bool:
+        """Create ``pg_temp.kfast_probe`` like the table (its defaults, CHECK and NOT NULL
+        constraints, generated and identity columns, no index, no trigger) in its own
+        transaction, once per connection and plan. Probes COPY into it, always rolled back
+        to a savepoint (it stays empty): the same row-only errors as the table, without
+        index or WAL work and without dead rows left in the table. False when it cannot be
+        created (no TEMP privilege): probes use the table."""
+        made = self._probe_tables.get(id(conn))
+        if made is not None:
+            return made
+        try:
+            conn.execute(f"DROP TABLE IF EXISTS pg_temp.{_PROBE_TABLE}")
+            conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+                    "INCLUDING GENERATED INCLUDING IDENTITY)"
+                ).format(sql.Identifier(_PROBE_TABLE), self._table_ident)
+            )
+            conn.commit()
+            made = True
+        except psycopg.Error as exc:
+            if isinstance(classify(exc), TransientSinkError):
+                raise
+            conn.rollback()
+            made = False
+        self._probe_tables[id(conn)] = made
+        return made
+
+    def _has_user_triggers(self, conn: psycopg.Connection[Any]) -> bool:
+        """True when the table or one of its partitions has a trigger a user created."""
+        if self._table_oid is None:
+            return True  # unknown: assume the worst
+        row = conn.execute(
+            "WITH RECURSIVE tree(oid) AS (SELECT %s::oid UNION ALL "
+            "SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid) "
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN tree ON t.tgrelid = tree.oid "
+            "WHERE NOT t.tgisinternal)",
+            (self._table_oid,),
+        ).fetchone()
+        return bool(row and row[0])
+
     # ------------------------------------------------------------ exactly-once support
 
     def stored_offsets(self, group_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
@@ -1158,3 +1260,219 @@ class PostgresSink:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _clip(
+    ranges: Sequence[tuple[int, int]], allowed: Sequence[tuple[int, int]] | None
+) -> list[tuple[int, int]]:
+    """``ranges`` intersected with ``allowed`` (both sorted, disjoint), empty ranges dropped."""
+    if allowed is None:
+        return [(a, b) for a, b in ranges if a < b]
+    out = []
+    j = 0
+    for a, b in ranges:
+        while j < len(allowed) and allowed[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(allowed) and allowed[k][0] < b:
+            lo, hi = max(a, allowed[k][0]), min(b, allowed[k][1])
+            if lo < hi:
+                out.append((lo, hi))
+            k += 1
+    return out
+
+
+class _ProbeTableGone(Exception):
+    """The probe table is missing in this session (raised inside RowTransaction only)."""
+
+
+class RowTransaction:
+    """One transaction in which the delivery layer isolates a batch's bad rows.
+
+    Made by :meth:`PostgresSink.row_transaction`; use it as a context manager (leaving it
+    without :meth:`commit` rolls everything back and unlocks the sink).
+
+    * ``copy(ranges, keep)``: one COPY of the batch rows ``[a, b)`` of each range, in
+      order, inside a savepoint. ``keep=True`` keeps the rows on success; ``keep=False``
+      rolls them back whatever happens (a row tried alone). A permanent failure rolls back to the
+      savepoint and raises ``PermanentSinkError`` whose ``row`` is the **batch** row
+      PostgreSQL blamed (the COPY line mapped through ``ranges``), or None; the
+      transaction stays usable. Any other error loses the transaction: it is raised
+      (``TransientSinkError`` mostly) and the caller starts over with a new one.
+    * ``write(ranges)``: one COPY of rows expected to succeed, kept, without a savepoint;
+      a failure loses the transaction.
+    * ``probe(ranges)``: like ``copy(ranges, keep=False)``, into ``pg_temp.kfast_probe`` when
+      the sink could create it (``LIKE`` the table: its CHECK and NOT NULL constraints,
+      defaults, generated and identity columns, no index, no trigger), else the table.
+      Cheaper than the table (no index, no WAL) and it leaves no dead rows there.
+    * ``row_only(exc)``: True when ``exc`` is an error the blamed row raises on its own,
+      whatever else is written (see ``_ROW_ONLY_CLASSES``; never with user triggers).
+    * ``commit()``: in exactly_once mode store the batch's ``next_offsets`` (the whole
+      batch's), then COMMIT.
+
+    ``statements`` counts the COPYs issued (the write bound the tests check).
+    """
+
+    def __init__(
+        self,
+        sink: PostgresSink,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        plan: Plan,
+        pre: list[list[bytes | None]],
+        allowed: list[tuple[int, int]] | None,
+        triggers: bool,
+        probe_table: bool = False,
+    ) -> None:
+        self._sink = sink
+        self._conn = conn
+        self._batch = batch
+        self._plan = plan
+        self._pre = pre
+        self._allowed = allowed  # exactly_once: rows not yet stored (the fence)
+        self._triggers = triggers
+        self._stmt = sink._copy_sql(plan)
+        self._probe_stmt = (
+            sink._copy_sql(plan, sql.Identifier("pg_temp", _PROBE_TABLE))
+            if probe_table
+            else self._stmt
+        )
+        self._savepoint = False  # a savepoint named _SAVEPOINT is open
+        self._open = True
+        self.statements = 0
+
+    def __enter__(self) -> RowTransaction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Roll back unless committed; unlock the sink. Idempotent."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if self._sink._conns[0] is self._conn:
+                self._sink._rollback(0)
+        finally:
+            self._sink._lock.release()
+
+    def row_only(self, exc: PermanentSinkError) -> bool:
+        if isinstance(exc.__cause__, EncodeError):
+            return True  # kfast cannot encode the value: nothing else matters
+        state = exc.sqlstate or ""
+        return not self._triggers and (state[:2] in _ROW_ONLY_CLASSES or state in _ROW_ONLY_STATES)
+
+    def _lost(self, exc: BaseException) -> KfastError:
+        """The transaction cannot continue: roll back (or drop the connection)."""
+        err = self._sink._fail(0, exc)
+        self._open = False
+        self._sink._lock.release()
+        return err
+
+    def _execute(self, stmt: str) -> None:
+        try:
+            self._conn.execute(stmt)
+        except psycopg.Error as exc:
+            raise self._lost(exc) from exc
+
+    def copy(self, ranges: Sequence[tuple[int, int]], keep: bool) -> None:
+        """One COPY of the rows of ``ranges`` into the table, in a savepoint; rolled back
+        unless ``keep``."""
+        self._copy(ranges, self._stmt, keep)
+
+    def write(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """One COPY of rows expected to succeed, kept, without a savepoint: a failure
+        loses the transaction (the rows are rolled back and the caller starts over).
+
+        A savepoint released after success stays in the server's per-transaction list
+        of subtransactions until COMMIT, and past 64 of them every other session's
+        snapshots get slower (pg_subtrans lookups); rows that cannot fail do not need one.
+        """
+        self._copy(ranges, self._stmt, True, protect=False)
+
+    def probe(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Like ``copy(ranges, keep=False)``, into the probe table when there is one: it
+        finds the same row-only errors (see :meth:`row_only`), and only those."""
+        if self._probe_stmt is self._stmt:
+            self._copy(ranges, self._stmt, False)
+            return
+        try:
+            self._copy(ranges, self._probe_stmt, False, probe_table=True)
+        except _ProbeTableGone:
+            # Dropped under us (e.g. a pooler that moves sessions): probe the table itself.
+            self._probe_stmt = self._stmt
+            self._sink._probe_tables[id(self._conn)] = False
+            self._copy(ranges, self._stmt, False)
+
+    def _copy(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        stmt: sql.Composed,
+        keep: bool,
+        protect: bool = True,
+        probe_table: bool = False,
+    ) -> None:
+        if not self._open:
+            raise KfastError("RowTransaction is closed")
+        rs = _clip(ranges, self._allowed)
+        if not rs:
+            return
+        sink = self._sink
+        self.statements += 1
+        if protect and not self._savepoint:
+            self._execute(f"SAVEPOINT {_SAVEPOINT}")
+            self._savepoint = True
+        elif not protect and self._savepoint:
+            self._execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")  # nothing in it: rolled back to
+            self._savepoint = False
+        try:
+            sink._copy_ranges(
+                self._conn, sink._encoders[0], self._batch, self._plan, self._pre, rs, stmt
+            )
+        except EncodeError as exc:
+            err = sink._encode_error(exc, self._plan, self._batch)
+            if not protect:
+                raise self._lost(exc) from exc
+            self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            raise err from exc
+        except psycopg.Error as exc:
+            err2 = classify(exc)
+            if probe_table and isinstance(err2, ConfigError) and not self._conn.broken:
+                self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                raise _ProbeTableGone from exc
+            if not protect or not isinstance(err2, PermanentSinkError) or self._conn.broken:
+                raise self._lost(exc) from exc
+            self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            err2.row = copy_row_hint(exc, rs)
+            raise err2 from exc
+        except BaseException as exc:
+            raise self._lost(exc) from exc
+        finally:
+            sink._copying = None
+        if not protect:
+            return
+        if keep:
+            self._execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            self._savepoint = False
+        else:
+            self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            if stmt is self._stmt and self._probe_stmt is not self._stmt:
+                # A row tried alone in the table went in: if the probe table rejected it,
+                # its definition may be stale (ALTER TABLE). Make it again next time.
+                sink._probe_tables.pop(id(self._conn), None)
+
+    def commit(self) -> None:
+        if not self._open:
+            raise KfastError("RowTransaction is closed")
+        try:
+            if self._sink.mode == "exactly_once":
+                self._sink._store_offsets(self._conn, self._batch)
+            self._conn.commit()
+        except psycopg.Error as exc:
+            raise self._lost(exc) from exc
+        except BaseException as exc:
+            raise self._lost(exc) from exc
+        self._open = False
+        self._sink._lock.release()

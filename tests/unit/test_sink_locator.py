@@ -50,3 +50,21 @@ def test_permanent_error_row_is_optional() -> None:
     assert PermanentSinkError("x").row is None
     e = PermanentSinkError("x", sqlstate="23514", row=3)
     assert (e.sqlstate, e.row, str(e)) == ("23514", 3, "x")
+
+
+@pytest.mark.parametrize(
+    ("ranges", "allowed", "want"),
+    [
+        ([(0, 10)], None, [(0, 10)]),
+        ([(0, 0), (3, 5)], None, [(3, 5)]),  # empty ranges dropped
+        ([(0, 10)], [(2, 4), (6, 20)], [(2, 4), (6, 10)]),
+        ([(0, 3), (5, 8)], [(2, 6)], [(2, 3), (5, 6)]),
+        ([(0, 5)], [(5, 9)], []),  # touching, not overlapping
+        ([(4, 5)], [(0, 2), (4, 9)], [(4, 5)]),  # a single row
+        ([(0, 9)], [], []),  # every row fenced
+    ],
+)
+def test_clip_to_fenced_ranges(ranges: Any, allowed: Any, want: Any) -> None:
+    from kfast.sinks.postgres import _clip
+
+    assert _clip(ranges, allowed) == want
