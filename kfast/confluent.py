@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from kfast._batch import BaseDecoder, Batch
+from kfast._batch import Batch
 from kfast.avro import FramedAvroDecoder, Program
 from kfast.avro import schema as _schema
 from kfast.errors import ConfigError
@@ -179,7 +179,8 @@ class ConfluentDecoder(FramedAvroDecoder):
         framed payload: its schema type decides the decoder. ``"AVRO"`` (or
         none) decodes here (returns None); ``"PROTOBUF"`` hands the whole batch
         to ``kfast.protobuf.ConfluentProtobufDecoder`` (imported lazily,
-        constructed once with the same registry). A registry failure raises:
+        constructed once with the same registry), a compiled decoder that reads
+        the same spans, so neither path copies a payload. A registry failure raises:
         that id's payloads become RowErrors and the batch is decoded as Avro.
         """
         if first_schema_id in self.protobuf_classes:
@@ -193,9 +194,9 @@ class ConfluentDecoder(FramedAvroDecoder):
 
         The rows are those of ``decode_spans`` (what a Pipeline's ring calls):
         the batch's first framed payload decides through ``_batch_decoder``.
-        This override only spares a Protobuf batch one copy: it hands the
-        caller's own payload objects over, where ``decode_spans`` can only
-        copy its spans into ``bytes`` for the Python-level Protobuf decoder.
+        This override only spares a Protobuf batch a pass: it hands the
+        caller's payload objects to ``ConfluentProtobufDecoder.decode``, which
+        frames each payload as it takes its buffer.
         """
         if not isinstance(payloads, (list, tuple)):
             payloads = list(payloads)
@@ -205,7 +206,7 @@ class ConfluentDecoder(FramedAvroDecoder):
                 other = self._batch_decoder(first)
             except Exception:
                 other = None  # decode_spans asks again and reports that id's rows
-            if other is not None and not isinstance(other, BaseDecoder):
+            if other is not None:
                 result: Batch = other.decode(payloads, out)
                 return result
         return super().decode(payloads, out)

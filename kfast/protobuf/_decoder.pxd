@@ -131,3 +131,9 @@ cdef class ProtobufDecoderBase(BaseDecoder):
     cdef tuple spec
     cdef object layout_
     cdef object converters
+
+
+cdef class FramedProtobufDecoder(BaseDecoder):
+    # Confluent framing in front of a ProtobufDecoderBase chosen per (schema id,
+    # message-index path) by the Python-level ``_resolve`` hook
+    pass

@@ -1221,8 +1221,8 @@ cdef class ProtobufDecoderBase(BaseDecoder):
 
 # ---------------------------------------------------------------- Confluent framing
 
-cdef int scan_frame(const unsigned char* p, Py_ssize_t n, uint32_t* schema_id,
-                    Py_ssize_t* path_end) noexcept nogil:
+cdef inline int scan_frame(const unsigned char* p, Py_ssize_t n, uint32_t* schema_id,
+                           Py_ssize_t* path_end) noexcept nogil:
     """Magic byte 0, big-endian schema id, message-index path (zigzag varints:
     count, then indexes; a single 0 means [0]). Returns 0 and where the path
     ends (= where the message starts), or -1 for bad framing."""
@@ -1248,87 +1248,181 @@ cdef int scan_frame(const unsigned char* p, Py_ssize_t n, uint32_t* schema_id,
     return 0
 
 
-def decode_framed(object payloads, Batch out, object resolve, ProtobufDecoderBase empty):
-    """Decode Confluent-framed payloads (see ``confluent.ConfluentProtobufDecoder``).
+_BAD_FRAME = ("not Confluent Protobuf framing (magic byte 0, 4-byte schema id, "
+              "message indexes)")
+# What a payload the framing rejects is handed to the message decoder as: one
+# byte that is always an error there (tag of field number 0); its RowError's
+# reason is then replaced with the framing's or the resolver's.
+_BAD_SPAN = b"\x00"
 
-    ``resolve(schema_id, path_bytes)`` returns ``(decoder, None)`` or
-    ``(None, reason)``; it is called once per run of equal (id, path) keys. Every
-    decoder it returns must be the same object (one column layout per batch).
-    """
-    cdef Py_ssize_t n = len(payloads)
-    cdef Py_ssize_t i, nviews = 0, path_end = 0
-    cdef const unsigned char** ptrs = NULL
-    cdef Py_ssize_t* lens = NULL
-    cdef Py_buffer* views = NULL
-    cdef const unsigned char* p
-    cdef Py_ssize_t ln
-    cdef uint32_t sid = 0, last_sid = 0
-    cdef const unsigned char* last_path = NULL
-    cdef Py_ssize_t last_len = -1
-    cdef ProtobufDecoderBase dec = None
-    cdef object last_reason = None
-    cdef object last_dec = None
-    cdef bint have_last = False
-    cdef dict reasons = {}
-    static_bad = b"\x00"   # field number 0: always a RowError (reason replaced)
-    if out is None:
-        out = Batch.__new__(Batch)
-    if not isinstance(payloads, (list, tuple)):
-        payloads = list(payloads)
-        n = len(payloads)
-    ptrs = <const unsigned char**>malloc((n + 1) * sizeof(void*))
-    lens = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
-    views = <Py_buffer*>malloc((n + 1) * sizeof(Py_buffer))
-    try:
-        if ptrs == NULL or lens == NULL or views == NULL:
+
+@cython.final
+cdef class _Framing:
+    """One batch of ``FramedProtobufDecoder``: the message span of each payload
+    and the resolution of each (schema id, path) key, asked once per batch."""
+    cdef FramedProtobufDecoder owner
+    cdef const unsigned char** mptrs
+    cdef Py_ssize_t* mlens
+    cdef const unsigned char* bad
+    cdef const unsigned char* last_path   # the last key (it points into a payload)
+    cdef Py_ssize_t last_len
+    cdef uint32_t last_sid
+    cdef bint have_last
+    cdef object last_reason               # None: the last key resolved
+    cdef ProtobufDecoderBase dec          # the one message decoder of the batch
+    cdef dict resolved                    # (schema id, path bytes) -> (decoder, reason)
+    cdef dict failed                      # payload index -> RowError reason
+
+    def __dealloc__(self):
+        free(self.mptrs)
+        free(self.mlens)
+
+    cdef int start(self, FramedProtobufDecoder owner, Py_ssize_t n) except -1:
+        self.owner = owner
+        self.mptrs = <const unsigned char**>malloc((n if n else 1) * sizeof(void*))
+        self.mlens = <Py_ssize_t*>malloc((n if n else 1) * sizeof(Py_ssize_t))
+        if self.mptrs == NULL or self.mlens == NULL:
             raise MemoryError()
-        for i in range(n):
-            obj = payloads[i]
-            if PyBytes_Check(obj):
-                p = <const unsigned char*>PyBytes_AS_STRING(obj)
-                ln = PyBytes_GET_SIZE(obj)
-            elif obj is None:
-                raise TypeError(f"payload {i} is None (a tombstone has no value to decode)")
-            else:
-                PyObject_GetBuffer(obj, &views[nviews], PyBUF_SIMPLE)
-                p = <const unsigned char*>views[nviews].buf
-                ln = views[nviews].len
-                nviews += 1
-            if scan_frame(p, ln, &sid, &path_end) < 0:
-                reasons[i] = ("not Confluent Protobuf framing (magic byte 0, 4-byte schema id, "
-                              "message indexes)")
-                ptrs[i] = <const unsigned char*>PyBytes_AS_STRING(static_bad)
-                lens[i] = 1
-                continue
-            if not (have_last and sid == last_sid and path_end - 5 == last_len
-                    and memcmp(p + 5, last_path, last_len) == 0):
-                last_dec, last_reason = resolve(
-                    sid, PyBytes_FromStringAndSize(<const char*>p + 5, path_end - 5))
-                last_sid = sid
-                last_path = p + 5
-                last_len = path_end - 5
-                have_last = True
-                if last_dec is not None:
-                    if dec is None:
-                        dec = last_dec
-                    elif last_dec is not dec:
-                        raise RuntimeError("resolve() returned two decoders for one batch")
-            if last_dec is None:
-                reasons[i] = last_reason
-                ptrs[i] = <const unsigned char*>PyBytes_AS_STRING(static_bad)
-                lens[i] = 1
-                continue
-            ptrs[i] = p + path_end
-            lens[i] = ln - path_end
+        self.bad = <const unsigned char*>PyBytes_AS_STRING(_BAD_SPAN)
+        self.last_len = -1
+        self.resolved = {}
+        self.failed = {}
+        return 0
+
+    cdef inline int step(self, Py_ssize_t i, const unsigned char* p, Py_ssize_t n) except -1:
+        """Frame payload ``i``; a run of equal keys costs a compare, no Python object."""
+        cdef uint32_t sid = 0
+        cdef Py_ssize_t path_end = 0
+        if scan_frame(p, n, &sid, &path_end) < 0:
+            self.failed[i] = _BAD_FRAME
+            self.mptrs[i] = self.bad
+            self.mlens[i] = 1
+            return 0
+        if not (self.have_last and sid == self.last_sid and path_end - 5 == self.last_len
+                and memcmp(p + 5, self.last_path, self.last_len) == 0):
+            self.new_key(sid, p, path_end)
+        if self.last_reason is None:
+            self.mptrs[i] = p + path_end
+            self.mlens[i] = n - path_end
+        else:
+            self.failed[i] = self.last_reason
+            self.mptrs[i] = self.bad
+            self.mlens[i] = 1
+        return 0
+
+    cdef int new_key(self, uint32_t sid, const unsigned char* p, Py_ssize_t path_end) except -1:
+        key = (sid, PyBytes_FromStringAndSize(<const char*>p + 5, path_end - 5))
+        answer = self.resolved.get(key)
+        if answer is None:
+            got, reason = self.owner._resolve(*key)
+            if got is not None:
+                if not isinstance(got, ProtobufDecoderBase):
+                    raise TypeError(f"_resolve() returned {type(got).__name__}, "
+                                    "not a ProtobufDecoder")
+                if self.dec is None:
+                    self.dec = got
+                elif got is not self.dec:
+                    raise RuntimeError("_resolve() returned two decoders for one batch")
+                reason = None
+            elif reason is None:
+                raise TypeError("_resolve() returned neither a decoder nor a reason")
+            answer = (got, reason)
+            self.resolved[key] = answer
+        self.last_reason = answer[1]
+        self.last_sid = sid
+        self.last_path = p + 5
+        self.last_len = path_end - 5
+        self.have_last = True
+        return 0
+
+    cdef int finish(self, Py_ssize_t n, Batch out) except -1:
+        """Decode the message spans (GIL released) and give the payloads that
+        failed framing or resolution their own reasons."""
+        cdef Py_ssize_t k
+        cdef ProtobufDecoderBase dec = self.dec
         if dec is None:
-            dec = empty
-        dec.decode_spans(ptrs, lens, n, out)
-    finally:
-        for i in range(nviews):
-            PyBuffer_Release(&views[i])
-        free(ptrs)
-        free(lens)
-        free(views)
-    if reasons:
-        out.errors = [RowError(e.index, reasons.get(e.index, e.reason)) for e in out.errors]
-    return out
+            got = self.owner._columns_decoder()
+            if not isinstance(got, ProtobufDecoderBase):
+                raise TypeError(f"_columns_decoder() returned {type(got).__name__}, "
+                                "not a ProtobufDecoder")
+            dec = got
+        dec.decode_spans(self.mptrs, self.mlens, n, out)
+        if self.failed:  # the stand-in span's error gets the real reason
+            errors = out.errors
+            for k in range(len(errors)):
+                e = errors[k]
+                reason = self.failed.get(e.index)
+                if reason is not None:
+                    errors[k] = RowError(e.index, reason)
+        return 0
+
+
+cdef class FramedProtobufDecoder(BaseDecoder):
+    """Protobuf behind the Confluent wire format: magic byte 0, a 4-byte
+    big-endian schema id, the message-index path, then the message.
+
+    Subclasses (``kfast.protobuf.ConfluentProtobufDecoder``) provide two hooks,
+    both called with the GIL held:
+
+    * ``_resolve(schema_id, path_bytes)`` returns ``(decoder, None)`` or
+      ``(None, reason)``; ``decoder`` is a ``ProtobufDecoderBase``, the same
+      object for every (id, path) of one batch (one column layout per batch).
+      It is called once per distinct (schema id, path) per batch;
+    * ``_columns_decoder()`` returns the ``ProtobufDecoderBase`` whose columns a
+      batch gets when none of its payloads resolved.
+
+    ``decode_spans`` reads the ring's spans in place (no copy): the framing is
+    parsed in C, then the message decoder (GIL released) gets each good
+    payload's message bytes. Bad framing, unknown ids, unreachable registries
+    and other resolution failures are RowErrors of their payloads.
+    """
+
+    def _resolve(self, schema_id, path_bytes):
+        raise NotImplementedError
+
+    def _columns_decoder(self):
+        raise NotImplementedError
+
+    cdef int decode_spans(self, const unsigned char** ptrs, const Py_ssize_t* lens,
+                          Py_ssize_t n, Batch out) except -1:
+        cdef Py_ssize_t i
+        cdef _Framing st = _Framing.__new__(_Framing)
+        st.start(self, n)
+        for i in range(n):
+            st.step(i, ptrs[i], lens[i])
+        st.finish(n, out)
+        return 0
+
+    def decode(self, payloads, Batch out=None):
+        """Decode a sequence of framed payloads into a Batch: the rows of
+        ``decode_spans`` (what a Pipeline's ring calls), with each payload's
+        header read as its buffer is taken (one pass over the payloads)."""
+        cdef Py_ssize_t n = len(payloads)
+        cdef Py_ssize_t i, nviews = 0
+        cdef Py_buffer* views = NULL
+        cdef _Framing st = _Framing.__new__(_Framing)
+        if out is None:
+            out = Batch.__new__(Batch)
+        if not isinstance(payloads, (list, tuple)):
+            payloads = list(payloads)
+        st.start(self, n)
+        views = <Py_buffer*>malloc((n if n else 1) * sizeof(Py_buffer))
+        try:
+            if views == NULL:
+                raise MemoryError()
+            for i in range(n):
+                p = payloads[i]
+                if PyBytes_Check(p):
+                    st.step(i, <const unsigned char*>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p))
+                    continue
+                if p is None:
+                    raise TypeError(f"payload {i} is None (a tombstone has no value to decode)")
+                PyObject_GetBuffer(p, &views[nviews], PyBUF_SIMPLE)
+                nviews += 1
+                st.step(i, <const unsigned char*>views[nviews - 1].buf, views[nviews - 1].len)
+            st.finish(n, out)
+        finally:
+            for i in range(nviews):
+                PyBuffer_Release(&views[i])
+            free(views)
+        return out

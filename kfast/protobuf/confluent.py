@@ -29,6 +29,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor
 
 from kfast.errors import ConfigError, DecodeError
+from kfast.protobuf._decoder import FramedProtobufDecoder
 
 MAX_PATH = 128  # more nesting than any real .proto file has
 
@@ -157,13 +158,17 @@ def _protoc_file(registry: Any, schema: Any, schema_id: int) -> Any:
     return pool.FindFileByName(main)
 
 
-class ConfluentProtobufDecoder:
+class ConfluentProtobufDecoder(FramedProtobufDecoder):
     """Decode Confluent-framed Protobuf payloads into a ``kfast.Batch``.
 
     ``registry``: an object with ``get_schema(schema_id)`` (confluent-kafka's
     ``SchemaRegistryClient`` or a mock); ``classes``: optional
     ``{schema_id: MessageClass or Descriptor}`` that bypasses the registry.
     Framing errors, unknown ids and mismatched message types are RowErrors.
+
+    A compiled decoder (``decode_spans`` reads the spans in place), so it is a
+    ``kfast.Pipeline`` decoder on its own and ``kfast.ConfluentDecoder`` hands
+    it Protobuf batches without copying them.
     """
 
     def __init__(
@@ -237,20 +242,23 @@ class ConfluentProtobufDecoder:
             self._types.popitem(last=False)
         return desc
 
-    def decode(self, payloads: Sequence[Any], out: Any = None) -> Any:
-        """Decode framed payloads into a Batch (framing is parsed in C; the
-        message type is resolved once per run of equal schema id and path)."""
-        from kfast.protobuf._decoder import decode_framed
-
+    # -- hooks called by FramedProtobufDecoder.decode_spans ------------------
+    def _columns_decoder(self) -> Any:
+        """The columns of a batch none of whose payloads resolved: the
+        decoder's message type once known, else an empty message."""
+        if self._decoder is not None:
+            return self._decoder
         if self._empty is None:
             from google.protobuf import empty_pb2
 
             from kfast.protobuf import ProtobufDecoder
 
             self._empty = ProtobufDecoder(empty_pb2.Empty)
-        return decode_framed(payloads, out, self._resolve, self._empty)
+        return self._empty
 
     def _resolve(self, schema_id: int, path_bytes: bytes) -> tuple[Any, str | None]:
+        """``(ProtobufDecoder, None)`` for a (schema id, path), else ``(None, reason)``;
+        called once per distinct pair in a batch."""
         from kfast.protobuf import ProtobufDecoder
 
         try:
