@@ -931,7 +931,7 @@ cdef class FramedAvroDecoder(BaseDecoder):
     Every decision lives in ``decode_spans`` and these hooks: the ring calls
     ``decode_spans`` directly, so a Pipeline and ``decode(payloads)`` give
     the same rows. An override of ``decode`` may only be a shortcut to those
-    rows (``ConfluentDecoder``'s spares a Protobuf batch a copy).
+    rows (``ConfluentDecoder``'s spares a Protobuf batch a pass).
     """
     def _program_for(self, schema_id):
         raise NotImplementedError
@@ -955,8 +955,8 @@ cdef class FramedAvroDecoder(BaseDecoder):
     cdef int decode_spans(self, const unsigned char** ptrs, const Py_ssize_t* lens,
                           Py_ssize_t n, Batch out) except -1:
         cdef Py_ssize_t i
-        cdef int64_t* ids = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
-        cdef int32_t* slot = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+        cdef int64_t* ids = NULL
+        cdef int32_t* slot = NULL
         cdef ProgRef* refs = NULL
         cdef const unsigned char* p
         cdef int64_t last = -1
@@ -968,12 +968,31 @@ cdef class FramedAvroDecoder(BaseDecoder):
         cdef bint nomem = False
         cdef _ErrBuf errs = _ErrBuf()
         cdef ErrRec* r
+        # 1. the first framed payload's id decides who decodes the batch (asked
+        # before anything is allocated: a batch handed over costs one header read)
+        first_failure = None
+        for i in range(n):
+            p = ptrs[i]
+            if lens[i] < 5 or p[0] != 0:
+                continue
+            sid = (<int64_t>p[1] << 24) | (<int64_t>p[2] << 16) | (<int64_t>p[3] << 8) | p[4]
+            try:
+                other = self._batch_decoder(sid)
+            except Exception as exc:
+                first_failure = (sid, self._failure_reason(sid, exc))
+                break
+            if other is not None:
+                _hand_over(other, ptrs, lens, n, out)
+                return 0
+            break
+        ids = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        slot = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
         if ids == NULL or slot == NULL:
             free(ids)
             free(slot)
             raise MemoryError()
         try:
-            # 1. framing: schema id per payload (-1 short, -2 wrong magic)
+            # 2. framing: schema id per payload (-1 short, -2 wrong magic)
             for i in range(n):
                 if lens[i] < 5:
                     ids[i] = -1
@@ -988,23 +1007,12 @@ cdef class FramedAvroDecoder(BaseDecoder):
             slot_ids = []
             slot_of = {}
             first_ok = None
-            # 2. the first framed payload's id decides who decodes the batch
-            for i in range(n):
-                if ids[i] < 0:
-                    continue
-                sid = ids[i]
-                try:
-                    other = self._batch_decoder(sid)
-                except Exception as exc:
-                    slot_of[sid] = 0
-                    slot_ids.append(sid)
-                    programs.append(None)
-                    failures.append(self._failure_reason(sid, exc))
-                    break
-                if other is not None:
-                    _hand_over(other, ptrs, lens, n, out)
-                    return 0
-                break
+            if first_failure is not None:  # that id's payloads fail with the registry's reason
+                sid, reason = first_failure
+                slot_of[sid] = 0
+                slot_ids.append(sid)
+                programs.append(None)
+                failures.append(reason)
             # 3. one program per distinct id (Python, once per id and batch)
             for i in range(n):
                 if ids[i] < 0:
