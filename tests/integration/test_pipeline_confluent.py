@@ -299,3 +299,64 @@ def test_protobuf_classes_without_registry(
     )
     assert len(rows) == 99 and rows[b"4"] == {"id": 4, "sku": "s4", "price": 2.0}
     assert set(headers) == {b"17"}
+
+
+def test_confluent_protobuf_decoder_is_a_pipeline_decoder(
+    kafka_broker: Any, unique_topic: str, unique_group: str
+) -> None:
+    """``ConfluentProtobufDecoder`` on its own (compiled: the ring hands it its spans):
+    the rows and dead letters equal ``decode`` on the same values, bad frames included."""
+    from kfast.protobuf import ConfluentProtobufDecoder
+
+    reg = _registry()
+    id1 = reg.register_schema(f"{unique_topic}-value", Schema(PROTO_V1, "PROTOBUF"))
+    id2 = reg.register_schema(f"{unique_topic}-value", Schema(PROTO_V2, "PROTOBUF"))
+    down = 888_888
+    lookups: list[int] = []
+
+    class Registry:
+        def get_schema(self, schema_id: int) -> Any:
+            lookups.append(schema_id)
+            if schema_id == down:
+                raise ConnectionError("connection refused")
+            return reg.get_schema(schema_id)
+
+    o1, o2 = _order_class(False), _order_class(True)
+    values = []
+    for i in range(240):
+        if i % 31 == 4:
+            values.append(_proto(UNKNOWN_ID, o1(id=i).SerializeToString()))
+        elif i % 53 == 9:
+            values.append(_proto(down, o1(id=i).SerializeToString()))
+        elif i % 37 == 6:
+            values.append(_proto(id1, b"\x12\x05ab"))  # truncated string field
+        elif i % 41 == 8:
+            values.append(b"\x07" + _proto(id1, b"")[1:])  # wrong magic
+        elif i % 43 == 10:
+            values.append(b"\x00\x00\x01")  # too short for the header
+        elif i % 47 == 12:
+            values.append(_proto(id1, b"")[:5] + b"\x03")  # negative message-index count
+        elif i % 59 == 14:
+            values.append(_proto(id2, b"")[:5] + b"\x02\x02")  # path [1]: no such message
+        elif i % 2:
+            values.append(_proto(id2, o2(id=i, sku=f"s{i}", price=i / 4).SerializeToString()))
+        else:
+            values.append(_proto(id1, o1(id=i, sku=f"s{i}").SerializeToString()))
+    rows, headers = _check_pipeline_matches_decode(
+        kafka_broker,
+        unique_topic,
+        unique_group,
+        lambda: ConfluentProtobufDecoder(Registry()),
+        values,
+        max_rows=32,
+    )
+    assert rows[b"2"] == {"id": 2, "sku": "s2"}
+    assert rows[b"3"] == {"id": 3, "sku": "s3"}  # V2 payload read as the first type (V1)
+    reasons = {k: h["kfast.error.message"].decode() for k, h in headers.items()}
+    assert reasons[b"4"].startswith(f"unknown schema id {UNKNOWN_ID} (registry: ")
+    assert reasons[b"9"] == f"schema registry unreachable for schema id {down}: connection refused"
+    assert reasons[b"6"].startswith("length runs past the end of the message (field 2)")
+    assert reasons[b"8"] == reasons[b"10"] == reasons[b"12"]
+    assert reasons[b"8"].startswith("not Confluent Protobuf framing")
+    assert "does not exist" in reasons[b"14"]
+    assert {id1, id2, UNKNOWN_ID, down} <= set(lookups)
