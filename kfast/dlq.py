@@ -29,6 +29,7 @@ from kfast.errors import ConfigError, KfastError, TransientSinkError
 from kfast.retry import Retrier, RetryPolicy
 
 __all__ = [
+    "BatchCheck",
     "CircuitBreaker",
     "CircuitBreakerOpen",
     "DeadLetter",
@@ -265,12 +266,97 @@ class CircuitBreaker:
             )
 
     def _trip_consecutive(self, run: int) -> None:
-        p = self.policy
-        raise CircuitBreakerOpen(
-            f"{run} consecutive messages went to the DLQ {p.topic!r} "
-            f"(DeadLetterPolicy.max_consecutive={p.max_consecutive}); stopping instead of "
-            "draining the topic into the DLQ"
+        raise _consecutive_error(self.policy, run)
+
+    def batch(self, n: int) -> BatchCheck:
+        """A check that follows one batch of ``n`` input messages while its dead letters are
+        found, to trip before the batch is done (see :class:`BatchCheck`)."""
+        return BatchCheck(self, n)
+
+
+def _consecutive_error(p: DeadLetterPolicy, run: int, during: str = "") -> CircuitBreakerOpen:
+    return CircuitBreakerOpen(
+        f"{run} consecutive messages went to the DLQ {p.topic!r}{during} "
+        f"(DeadLetterPolicy.max_consecutive={p.max_consecutive}); stopping instead of "
+        "draining the topic into the DLQ"
+    )
+
+
+class BatchCheck:
+    """Would :meth:`CircuitBreaker.record` of this batch trip, from the dead letters known so far?
+
+    ``add(i)`` marks input ``i`` (0 <= i < n, any order) as dead and returns True when
+    ``record(n, dead)`` is already certain to raise: the known dead letters alone trip it,
+    even if every other message of the batch turns out fine. That is the case when
+
+    * they hold a run of ``max_consecutive`` consecutive inputs (a run starting at input 0
+      continues the run the previous batch ended with), or
+    * the ratio is checked after this batch (``window`` messages seen by then) and the dead
+      letters the window will still hold from earlier batches plus the known ones among
+      this batch's last ``window`` inputs are more than ``max_ratio · window``.
+
+    A dead letter found later can only add to both, so a check that trips never trips
+    wrongly, and once every dead letter is added it trips exactly when ``record`` would.
+    Nothing of the breaker changes (``record`` does that for a batch that is done).
+    ``add`` is O(1); making a check counts the window slots the batch overwrites (C).
+    """
+
+    def __init__(self, breaker: CircuitBreaker, n: int) -> None:
+        p = breaker.policy
+        self.policy = p
+        self.n = n
+        self._carry = breaker._run  # dead letters in a row at the end of the previous batch
+        self._dead: set[int] = set()
+        self._start: dict[int, int] = {}  # run of known dead inputs: first -> last + 1
+        self._end: dict[int, int] = {}  # last + 1 -> first
+        w = len(breaker._ring)
+        self._w = w
+        self._ratio = breaker._seen + n >= w  # record() checks the ratio after this batch
+        self._tail = max(0, n - w)  # inputs before this are out of the window by then
+        m = min(n, w)
+        pos = breaker._pos
+        first = min(m, w - pos)
+        overwritten = breaker._ring.count(1, pos, pos + first) + breaker._ring.count(
+            1, 0, m - first
         )
+        self._in_window = breaker._dead_in_window - overwritten  # kept from earlier batches
+        self.error: CircuitBreakerOpen | None = None
+
+    def copy(self) -> BatchCheck:
+        c = object.__new__(BatchCheck)
+        c.__dict__.update(self.__dict__)
+        c._dead, c._start, c._end = set(self._dead), dict(self._start), dict(self._end)
+        return c
+
+    def add(self, i: int) -> bool:
+        """Mark input ``i`` dead; True (and ``error`` set) when the batch will trip the breaker."""
+        if self.error is not None:
+            return True
+        if i in self._dead or not 0 <= i < self.n:
+            return False
+        self._dead.add(i)
+        p = self.policy
+        lo, hi = i, i + 1
+        if hi in self._start:
+            hi = self._start.pop(hi)
+        if lo in self._end:
+            lo = self._end.pop(lo)
+        self._start[lo], self._end[hi] = hi, lo
+        run = hi - lo + (self._carry if lo == 0 else 0)
+        if p.max_consecutive is not None and run >= p.max_consecutive:
+            self.error = _consecutive_error(p, run, " within a batch not yet written")
+            return True
+        if i >= self._tail:
+            self._in_window += 1
+            if self._ratio and self._in_window > p.max_ratio * self._w:
+                self.error = CircuitBreakerOpen(
+                    f"at least {self._in_window} of the last {self._w} messages go to the DLQ "
+                    f"{p.topic!r} once the batch being written is done (ratio "
+                    f"{self._in_window / self._w:.3f} > DeadLetterPolicy.max_ratio="
+                    f"{p.max_ratio}); stopping instead of draining the topic into the DLQ"
+                )
+                return True
+        return False
 
 
 class DeadLetterQueue:

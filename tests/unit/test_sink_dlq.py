@@ -241,3 +241,63 @@ def test_confirm_gives_up_under_the_retry_policy() -> None:
     q.produce(_letters(1))  # a later batch starts clean
     q.confirm()
     assert q.sent == 1
+
+
+def _record_trips(b: CircuitBreaker, n: int, dead: list[int]) -> bool:
+    import copy
+
+    try:
+        copy.deepcopy(b).record(n, sorted(dead))
+    except CircuitBreakerOpen:
+        return True
+    return False
+
+
+def test_batch_check_trips_only_when_record_would() -> None:
+    """BatchCheck, fed a batch's dead inputs in any order, trips at the first point where
+    record() is certain to raise: never before (the known dead alone trip record), and by
+    the end exactly when record() raises. Random histories, both thresholds."""
+    import random
+
+    rng = random.Random(11)
+    for trial in range(300):
+        pol = DeadLetterPolicy(
+            "d",
+            max_ratio=rng.choice([0.05, 0.2, 0.5, 1.0]),
+            window=rng.choice([100, 150]),
+            max_consecutive=rng.choice([None, 1, 3, 8, 40]),
+        )
+        b = CircuitBreaker(pol)
+        for _ in range(rng.randrange(1, 6)):
+            n = rng.choice([1, 5, 60, 100, 170, 400])
+            dense = rng.random()
+            dead = [i for i in range(n) if rng.random() < dense * 0.3]
+            order = dead[:]
+            rng.shuffle(order)
+            check = b.batch(n)
+            at = None
+            for j, i in enumerate(order):
+                if check.add(i):
+                    at = j
+                    assert check.error is not None
+                    break
+            if at is not None:  # the known dead alone trip record(): never wrongly early
+                assert _record_trips(b, n, order[: at + 1]), (trial, pol)
+                assert at == 0 or not _record_trips(b, n, order[:at])
+            assert (at is not None) == _record_trips(b, n, dead), (trial, pol, n)
+            if at is not None:
+                break
+            b.record(n, dead)
+
+
+def test_batch_check_counts_the_previous_run_and_copies_apart() -> None:
+    b = CircuitBreaker(DeadLetterPolicy("d", max_consecutive=6, max_ratio=1.0))
+    b.record(10, [7, 8, 9])  # run of 3 carried into the next batch
+    check = b.batch(10)
+    assert not check.add(1) and not check.add(3)
+    c2 = check.copy()
+    assert not c2.add(0)  # 0, 1: run 3 + 2
+    assert c2.add(2)  # 0..3 after the previous 3: 7 >= 6
+    assert c2.error is not None and "7 consecutive" in str(c2.error)
+    assert check.error is None and not check.add(5)  # the original is untouched
+    assert not check.add(1)  # already known: no change
