@@ -29,8 +29,14 @@
    the batch (bisection bounds the cost of a sink that points at wrong
    rows); in the transaction that rolls everything back first;
 3. every dead letter is confirmed by the DLQ broker before ``deliver``
-   returns (one wait per batch); the circuit breaker then looks at the
-   batch's DLQ share.
+   returns (one wait per batch); the circuit breaker then records the
+   batch's dead letters.
+
+The breaker does not wait for step 3: each dead letter, once its row is
+confirmed bad (a probed row is confirmed alone first), goes through a
+``BatchCheck`` that raises ``CircuitBreakerOpen`` as soon as the batch is
+certain to trip the breaker. The transaction is rolled back, dead letters
+not yet produced are dropped, nothing is committed.
 
 Without a DeadLetterPolicy a decode error or a permanently failing row
 raises: a poison pill is never dropped silently.
@@ -192,6 +198,10 @@ class _Run:
         self.bisected = False  # the batch was written in slices
         self.hints = True  # follow PermanentSinkError.row locators
         self.eo = bool(getattr(d.sink, "stores_offsets", False))
+        # Trips the breaker as soon as this batch's dead letters found so far are enough.
+        self.check = (
+            d.breaker.batch(batch.num_rows + len(batch.errors)) if d.breaker is not None else None
+        )
 
     def go(self) -> None:
         d, batch = self.d, self.batch
@@ -244,8 +254,21 @@ class _Run:
         return self.ctx.records
 
     def _dead(
-        self, index: int, stage: str, cls: str, message: str, attempts: int, sqlstate: str | None
+        self,
+        index: int,
+        stage: str,
+        cls: str,
+        message: str,
+        attempts: int,
+        sqlstate: str | None,
+        note: bool = True,
     ) -> None:
+        """Build the dead letter of input ``index``. ``note``: count it in the breaker's
+        check first, which raises ``CircuitBreakerOpen`` (the letter is not built) when the
+        batch is already certain to trip the breaker."""
+        if note and self.check is not None and self.check.add(index):
+            assert self.check.error is not None
+            raise self.check.error
         recs = self._records()
         schema_id = None
         get_sid = getattr(recs, "schema_id", None)
@@ -269,9 +292,11 @@ class _Run:
         self.pending.append(DeadLetter(recs.key(index), recs.value(index), headers, stage, cls))
         self.dead_inputs.append(index)
 
-    def _dead_row(self, row: int, exc: PermanentSinkError, attempts: int) -> None:
+    def _dead_row(
+        self, row: int, exc: PermanentSinkError, attempts: int, note: bool = True
+    ) -> None:
         src = memoryview(self.batch.source_indices)[row]
-        self._dead(src, "sink", _error_class(exc), str(exc), attempts, exc.sqlstate)
+        self._dead(src, "sink", _error_class(exc), str(exc), attempts, exc.sqlstate, note)
 
     def _slice(self, start: int, stop: int) -> Batch:
         batch = self.batch
@@ -371,15 +396,17 @@ class _Run:
                 except _GiveUp as stop:
                     return False if stop.wrong_locator else None
                 dead = sorted(iso.dead.items())
+                # iso.check already holds every dead row and did not trip.
                 if self.eo:  # dead letters durable before the commit stores the offsets
                     for row, (exc, attempts) in dead:
-                        self._dead_row(row, exc, attempts)
+                        self._dead_row(row, exc, attempts, note=False)
                     self._confirm()
                     txn.commit()
                 else:
                     txn.commit()
                     for row, (exc, attempts) in dead:
-                        self._dead_row(row, exc, attempts)
+                        self._dead_row(row, exc, attempts, note=False)
+                self.check = iso.check
         except BaseException:
             del self.pending[marks[0] :], self.dead_inputs[marks[1] :]
             raise
@@ -493,6 +520,10 @@ class _Isolation:
         self.excl: dict[int, tuple[PermanentSinkError, int]] = {}  # row -> (error, attempts)
         self.dead: dict[int, tuple[PermanentSinkError, int]] = {}
         self.kept = 0  # COPYs whose rows were kept
+        # The breaker's check of the batch, counting excluded rows too (they are confirmed
+        # before it trips); a copy: a rolled back isolation leaves the run's check as it was.
+        self.check = run.check.copy() if run.check is not None else None
+        self.src = memoryview(run.batch.source_indices)
 
     def isolate(self, first: PermanentSinkError) -> None:
         """Steps 1-3 (the caller commits); raises ``_GiveUp``."""
@@ -538,6 +569,7 @@ class _Isolation:
             m.add("located")
             self.excl[row] = (err, attempts)
             self._exclude(row)
+            self._note(row)
             # Probe a window of a few mean gaps between the rows found so far, growing 4x
             # while nothing fails: dense bad rows are not followed by the whole rest of the
             # batch each time (quadratic), sparse ones cost few extra probes.
@@ -598,10 +630,24 @@ class _Isolation:
     def _kill(self, row: int, exc: PermanentSinkError, attempts: int) -> None:
         self.dead[row] = (exc, attempts)
         self._exclude(row)
+        self._note(row)
+
+    def _note(self, row: int) -> None:
+        """Count a dead or excluded row in the breaker's check. When the rows found so far
+        trip it, confirm the excluded rows (a row fine alone: ``_GiveUp``, the batch goes
+        slice by slice, where only confirmed rows count) and raise ``CircuitBreakerOpen``:
+        the caller rolls the transaction back, no dead letter of the batch is built."""
+        if self.check is None or not self.check.add(self.src[row]):
+            return
+        self._confirm_excluded()
+        assert self.check.error is not None
+        raise self.check.error
 
     def _confirm_excluded(self) -> None:
-        """Step 3."""
+        """Step 3 (rows confirmed already are skipped)."""
         for row in sorted(self.excl):
+            if row in self.dead:
+                continue
             attempts = self.excl[row][1]
             try:
                 self.txn.copy([(row, row + 1)], keep=False)

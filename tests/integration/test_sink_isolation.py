@@ -652,3 +652,160 @@ def test_exactly_once_offsets_never_pass_an_unconfirmed_dead_letter(
     assert sink.stored_offsets(unique_group, ["orders"]) == {("orders", 0): 40}
     assert _ids(pg_dsn, table) == [i for i in range(40) if i not in bad and i != 12]
     sink.close()
+
+
+# ------------------------------------------------------------ circuit breaker mid-batch
+
+
+def _breaker_batch(n: int, bad: set[int], decode_bad: frozenset[int] = frozenset()) -> Any:
+    payloads = avro_payloads(ORDER_SCHEMA, _orders(n, bad))
+    for i in decode_bad:
+        payloads[i] = b"\x02"  # undecodable
+    return make_batch(ORDER_SCHEMA, payloads)
+
+
+@pytest.mark.parametrize("mode", ["copy", "exactly_once"])
+def test_all_bad_batch_trips_the_breaker_mid_isolation(
+    pg_dsn: str, unique_group: str, mode: str
+) -> None:
+    """20,000 rows that all fail: the breaker (max_consecutive=100) trips once 100 rows are
+    found and confirmed, long before the isolation has probed every row. Nothing is
+    committed, no dead letter of the batch is produced."""
+    from kfast.dlq import CircuitBreakerOpen
+
+    table = "iso_breaker_all_bad"
+    _table(pg_dsn, table)
+    n, m = 20_000, 100
+    sink = CountingSink(pg_dsn, table, mode=mode)
+    d, queue = _delivery(sink, DeadLetterPolicy("unused.dlq", max_consecutive=m))
+    payloads = avro_payloads(ORDER_SCHEMA, _orders(n, set(range(n))))
+    batch = make_batch(ORDER_SCHEMA, payloads, group=unique_group)
+    with pytest.raises(CircuitBreakerOpen, match=f"{m} consecutive"):
+        d.deliver(batch, threading.Event())
+    # The batch's write, m - 1 probes that each find the next row, m rows confirmed alone.
+    assert sink.copies <= 2 * m, sink.copies
+    assert len(sink.txns) == 1
+    assert _ids(pg_dsn, table) == [] and queue.records == []
+    if mode == "exactly_once":
+        assert sink.stored_offsets(unique_group, ["orders"]) == {}
+    sink.close()
+
+
+def test_decode_errors_count_toward_the_mid_batch_trip(pg_dsn: str) -> None:
+    """Inputs 0..39 undecodable (produced at once, as today), the rows after them all bad:
+    the run of 100 is reached after 60 rows, counting the decode errors."""
+    from kfast.dlq import CircuitBreakerOpen
+
+    table = "iso_breaker_decode"
+    _table(pg_dsn, table)
+    n, m, k = 2000, 100, 40
+    sink = CountingSink(pg_dsn, table)
+    d, queue = _delivery(sink, DeadLetterPolicy("unused.dlq", max_consecutive=m))
+    batch = _breaker_batch(n, set(range(n)), frozenset(range(k)))
+    with pytest.raises(CircuitBreakerOpen, match=f"{m} consecutive"):
+        d.deliver(batch, threading.Event())
+    assert sink.copies <= 2 * (m - k), sink.copies
+    assert [r.stage for r in queue.records] == ["decode"] * k  # no sink dead letter
+    assert _ids(pg_dsn, table) == []
+    sink.close()
+
+
+def test_run_from_the_previous_batch_counts(pg_dsn: str) -> None:
+    """The previous batch ended with 30 dead letters in a row: 70 more at the start of this
+    one trip the breaker (max_consecutive=100)."""
+    from kfast.dlq import CircuitBreakerOpen
+
+    table = "iso_breaker_carry"
+    _table(pg_dsn, table)
+    m = 100
+    sink = CountingSink(pg_dsn, table)
+    d, queue = _delivery(sink, DeadLetterPolicy("unused.dlq", max_consecutive=m))
+    d.deliver(_breaker_batch(200, set(range(170, 200))), threading.Event())
+    assert len(queue.records) == 30
+    before = sink.copies
+    with pytest.raises(CircuitBreakerOpen, match=f"{m} consecutive"):
+        d.deliver(_breaker_batch(1000, set(range(1000))), threading.Event())
+    assert sink.copies - before <= 2 * (m - 30), sink.copies - before
+    assert len(queue.records) == 30 and len(_ids(pg_dsn, table)) == 170
+    sink.close()
+
+
+def test_ratio_trips_mid_isolation(pg_dsn: str) -> None:
+    """Every 5th row bad, max_ratio=0.1 of a 1000 window, batch of 1000: the ratio check
+    after the batch is certain to trip once 101 rows are found; they are confirmed, the
+    breaker trips, the rest of the batch is never probed."""
+    from kfast.dlq import CircuitBreakerOpen
+
+    table = "iso_breaker_ratio"
+    _table(pg_dsn, table)
+    n, w = 1000, 1000
+    limit = int(0.1 * w) + 1  # dead letters that make the ratio above 0.1
+    sink = CountingSink(pg_dsn, table)
+    pol = DeadLetterPolicy("unused.dlq", max_ratio=0.1, window=w, max_consecutive=None)
+    d, queue = _delivery(sink, pol)
+    with pytest.raises(CircuitBreakerOpen, match="max_ratio"):
+        d.deliver(_breaker_batch(n, set(range(0, n, 5))), threading.Event())
+    # The write, at most 2 probes per row found (one that finds it, one that finds nothing
+    # while the window settles), each found row confirmed alone.
+    assert sink.copies <= 3 * limit + 1, sink.copies
+    assert queue.records == [] and _ids(pg_dsn, table) == []
+    sink.close()
+
+
+@pytest.mark.parametrize("mode", ["copy", "exactly_once"])
+def test_sparse_bad_rows_under_the_breaker_go_through(
+    pg_dsn: str, unique_group: str, mode: str
+) -> None:
+    """Bad rows under both thresholds: same table, dead letters and COPYs as without the
+    mid-batch check (the bound of test_sparse_bad_rows_cost_about_two_copies_each)."""
+    table = "iso_breaker_sparse"
+    _table(pg_dsn, table)
+    n = 6000
+    bad = set(range(37, n, 200)) | {1000, 1001}  # 32 rows, a run of 2
+    sink = CountingSink(pg_dsn, table, mode=mode)
+    pol = DeadLetterPolicy("unused.dlq", max_ratio=0.01, window=1000, max_consecutive=3)
+    d, queue = _delivery(sink, pol)
+    payloads = avro_payloads(ORDER_SCHEMA, _orders(n, bad))
+    d.deliver(make_batch(ORDER_SCHEMA, payloads, group=unique_group), threading.Event())
+    assert _ids(pg_dsn, table) == [i for i in range(n) if i not in bad]
+    _check_dead(queue, bad, cls=b"CheckViolation")
+    k = len(bad)
+    assert sink.copies <= 2 * k + 1 + k * _log4(n), sink.copies
+    assert len(sink.txns) == 1 and d.metrics.snapshot()["bisections"] == 0
+    if mode == "exactly_once":
+        assert sink.stored_offsets(unique_group, ["orders"]) == {("orders", 0): n}
+    sink.close()
+
+
+def test_slice_by_slice_trips_as_rows_are_found(pg_dsn: str) -> None:
+    """A failure without a COPY line (foreign key) goes slice by slice: there the breaker
+    counts each row as it is confirmed dead and trips before the rest of the batch is
+    bisected. Slices written before stay (their own commits, as on any crash slice by
+    slice); no dead letter of the batch is produced."""
+    from kfast.dlq import CircuitBreakerOpen
+
+    table, parent = "iso_breaker_fk", "iso_breaker_fk_parent"
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute(f'DROP TABLE IF EXISTS "{table}"')
+        c.execute(f'DROP TABLE IF EXISTS "{parent}"')
+        c.execute(f'CREATE TABLE "{parent}" (customer text PRIMARY KEY)')
+        c.execute(f"INSERT INTO \"{parent}\" SELECT 'c' || g FROM generate_series(0, 9999) g")
+    _table(
+        pg_dsn,
+        table,
+        'CREATE TABLE "{t}" (id bigint PRIMARY KEY, customer text REFERENCES '
+        f'"{parent}", qty integer CHECK (qty >= 0), price numeric(12,2))',
+    )
+    n, m = 4000, 20
+    recs = _orders(n)
+    for r in recs[100:]:
+        r["customer"] = "nobody"  # no such parent row
+    sink = CountingSink(pg_dsn, table)
+    d, queue = _delivery(sink, DeadLetterPolicy("unused.dlq", max_consecutive=m))
+    with pytest.raises(CircuitBreakerOpen, match=f"{m} consecutive"):
+        d.deliver(make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, recs)), threading.Event())
+    assert queue.records == []
+    assert _ids(pg_dsn, table) == list(range(100))
+    # Bisection down to single rows: about log2(n) writes per row found.
+    assert sink.copies <= 2 * m * math.ceil(math.log2(n)), sink.copies
+    sink.close()
