@@ -55,6 +55,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -69,6 +70,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from kfast.sinks import Sink
 
 __all__ = ["Delivery", "DeliveryMetrics"]
+
+log = logging.getLogger("kfast.delivery")
 
 
 class DeliveryMetrics:
@@ -273,7 +276,12 @@ class _Run:
         schema_id = None
         get_sid = getattr(recs, "schema_id", None)
         if callable(get_sid):
-            schema_id = get_sid(index)
+            try:
+                schema_id = get_sid(index)
+            except Exception as exc:
+                # a decoder's schema_id_of (user code) must not stop dead-lettering:
+                # the letter goes out without the optional header
+                log.warning("schema_id_of failed, kfast.schema.id left out: %r", exc)
         assert self.first_failure is not None
         headers = dlq_headers(
             stage=stage,

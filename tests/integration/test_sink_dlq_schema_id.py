@@ -200,3 +200,44 @@ def test_unframed_decoder_sets_no_schema_id(
     for k, h in by_key.items():
         assert h["kfast.error.stage"] == (b"sink" if k in violate else b"decode")
         assert "kfast.schema.id" not in h, (k, h)
+
+
+class _FailingSchemaIds(kfast.AvroDecoder):
+    """A decoder whose schema_id_of (user code) raises."""
+
+    def schema_id_of(self, value: bytes) -> int | None:
+        raise RuntimeError("schema id lookup broke")
+
+
+def test_failing_schema_id_of_does_not_stop_dead_lettering(
+    pg_dsn: str, kafka_broker: Any, unique_topic: str, unique_group: str
+) -> None:
+    n = 100
+    rng = random.Random(11)
+    violate = {5, 60}
+    corrupt = {7, 70}
+    values = [
+        b"\x03\x00" if i in corrupt else encode(make_order(i, rng, violate=i in violate))
+        for i in range(n)
+    ]
+    kafka_broker.create_topic(unique_topic)
+    kafka_broker.produce(unique_topic, values, keys=[str(i).encode() for i in range(n)])
+    kafka_broker.create_topic(unique_topic + ".dlq")
+    table = "orders_dlq_failing_schema_id"
+    _table(pg_dsn, table)
+    dead_keys = violate | corrupt
+    _run(
+        kafka_broker,
+        pg_dsn,
+        unique_topic,
+        unique_group,
+        _FailingSchemaIds(ORDER_SCHEMA),
+        table,
+        n - len(dead_keys),
+        len(dead_keys),
+    )
+    assert _rows(pg_dsn, table) == set(range(n)) - dead_keys
+    dead = consume_all(kafka_broker.bootstrap, unique_topic + ".dlq", expected=len(dead_keys))
+    by_key = {int(m.key()): dict(m.headers()) for m in dead}
+    assert set(by_key) == dead_keys
+    assert all("kfast.schema.id" not in h for h in by_key.values())
