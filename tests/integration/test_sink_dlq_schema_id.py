@@ -94,6 +94,32 @@ def _run(
     sink.close()
 
 
+def _load(
+    kafka_broker: Any,
+    pg_dsn: str,
+    topic: str,
+    group: str,
+    decoder: Any,
+    table: str,
+    values: list[bytes],
+    dead_keys: set[int],
+    partitions: int = 1,
+) -> dict[int, dict[str, bytes]]:
+    """Produce ``values`` (key = index), load them with ``decoder``, check that exactly the
+    rows outside ``dead_keys`` reached ``table``; return each dead letter's headers by key."""
+    n = len(values)
+    kafka_broker.create_topic(topic, partitions=partitions)
+    kafka_broker.produce(topic, values, keys=[str(i).encode() for i in range(n)])
+    kafka_broker.create_topic(topic + ".dlq")
+    _table(pg_dsn, table)
+    _run(kafka_broker, pg_dsn, topic, group, decoder, table, n - len(dead_keys), len(dead_keys))
+    assert _rows(pg_dsn, table) == set(range(n)) - dead_keys
+    dead = consume_all(kafka_broker.bootstrap, topic + ".dlq", expected=len(dead_keys))
+    by_key = {int(m.key()): dict(m.headers()) for m in dead}
+    assert len(dead) == len(by_key) and set(by_key) == dead_keys
+    return by_key
+
+
 def test_dead_letters_carry_the_writer_schema_id(
     pg_dsn: str, kafka_broker: Any, unique_topic: str, unique_group: str
 ) -> None:
@@ -127,28 +153,17 @@ def test_dead_letters_carry_the_writer_schema_id(
             record = make_order(i, rng, violate=i in violate)
             values.append(frame(sid, encode(record, writers[sid])))
             expect_id[i] = sid
-    kafka_broker.create_topic(unique_topic, partitions=2)
-    kafka_broker.produce(unique_topic, values, keys=[str(i).encode() for i in range(n)])
-    kafka_broker.create_topic(unique_topic + ".dlq")
-    table = "orders_dlq_schema_id"
-    _table(pg_dsn, table)
-    dead_keys = violate | special
-    decoder = ConfluentDecoder(reg, reader_schema=ORDER_SCHEMA)
-    _run(
+    by_key = _load(
         kafka_broker,
         pg_dsn,
         unique_topic,
         unique_group,
-        decoder,
-        table,
-        n - len(dead_keys),
-        len(dead_keys),
+        ConfluentDecoder(reg, reader_schema=ORDER_SCHEMA),
+        "orders_dlq_schema_id",
+        values,
+        violate | special,
+        partitions=2,
     )
-
-    assert _rows(pg_dsn, table) == set(range(n)) - dead_keys
-    dead = consume_all(kafka_broker.bootstrap, unique_topic + ".dlq", expected=len(dead_keys))
-    by_key = {int(m.key()): dict(m.headers()) for m in dead}
-    assert len(dead) == len(by_key) and set(by_key) == dead_keys
     for k, h in by_key.items():
         stage = b"sink" if k in violate else b"decode"
         assert h["kfast.error.stage"] == stage, (k, h)
@@ -175,28 +190,16 @@ def test_unframed_decoder_sets_no_schema_id(
     # A payload that looks Confluent-framed gets no header from an unframed decoder either.
     values[30] = frame(7, b"")
     corrupt.add(30)
-    kafka_broker.create_topic(unique_topic)
-    kafka_broker.produce(unique_topic, values, keys=[str(i).encode() for i in range(n)])
-    kafka_broker.create_topic(unique_topic + ".dlq")
-    table = "orders_dlq_no_schema_id"
-    _table(pg_dsn, table)
-    dead_keys = violate | corrupt
-    decoder = kfast.AvroDecoder(ORDER_SCHEMA)
-    _run(
+    by_key = _load(
         kafka_broker,
         pg_dsn,
         unique_topic,
         unique_group,
-        decoder,
-        table,
-        n - len(dead_keys),
-        len(dead_keys),
+        kfast.AvroDecoder(ORDER_SCHEMA),
+        "orders_dlq_no_schema_id",
+        values,
+        violate | corrupt,
     )
-    assert _rows(pg_dsn, table) == set(range(n)) - dead_keys
-
-    dead = consume_all(kafka_broker.bootstrap, unique_topic + ".dlq", expected=len(dead_keys))
-    by_key = {int(m.key()): dict(m.headers()) for m in dead}
-    assert set(by_key) == dead_keys
     for k, h in by_key.items():
         assert h["kfast.error.stage"] == (b"sink" if k in violate else b"decode")
         assert "kfast.schema.id" not in h, (k, h)
@@ -220,24 +223,14 @@ def test_failing_schema_id_of_does_not_stop_dead_lettering(
         b"\x03\x00" if i in corrupt else encode(make_order(i, rng, violate=i in violate))
         for i in range(n)
     ]
-    kafka_broker.create_topic(unique_topic)
-    kafka_broker.produce(unique_topic, values, keys=[str(i).encode() for i in range(n)])
-    kafka_broker.create_topic(unique_topic + ".dlq")
-    table = "orders_dlq_failing_schema_id"
-    _table(pg_dsn, table)
-    dead_keys = violate | corrupt
-    _run(
+    by_key = _load(
         kafka_broker,
         pg_dsn,
         unique_topic,
         unique_group,
         _FailingSchemaIds(ORDER_SCHEMA),
-        table,
-        n - len(dead_keys),
-        len(dead_keys),
+        "orders_dlq_failing_schema_id",
+        values,
+        violate | corrupt,
     )
-    assert _rows(pg_dsn, table) == set(range(n)) - dead_keys
-    dead = consume_all(kafka_broker.bootstrap, unique_topic + ".dlq", expected=len(dead_keys))
-    by_key = {int(m.key()): dict(m.headers()) for m in dead}
-    assert set(by_key) == dead_keys
     assert all("kfast.schema.id" not in h for h in by_key.values())
