@@ -84,6 +84,24 @@ class CountingSink(PostgresSink):
         return self.writes + sum(t.statements for t in self.txns)
 
 
+class TxnProxy:
+    """Wraps the sink's row transaction (``CountingSink(wrap=...)``); subclasses override
+    the calls they observe or distort and delegate the rest."""
+
+    def __init__(self, txn: Any) -> None:
+        self.txn = txn
+
+    def __enter__(self) -> Any:
+        self.txn.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.txn.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.txn, name)
+
+
 class CapturingQueue:
     """Stands in for the DLQ producer: keeps the records, counts confirmations."""
 
@@ -156,21 +174,8 @@ def test_bad_row_patterns_in_one_transaction(
     sink = CountingSink(pg_dsn, table, mode=mode)
     order: list[str] = []
 
-    class Recorder:
-        """Proxy that records when the transaction commits relative to DLQ confirmations."""
-
-        def __init__(self, txn: Any) -> None:
-            self.txn = txn
-
-        def __enter__(self) -> Any:
-            self.txn.__enter__()
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            self.txn.__exit__(*exc)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.txn, name)
+    class Recorder(TxnProxy):
+        """Records when the transaction commits relative to DLQ confirmations."""
 
         def commit(self) -> None:
             order.append(f"commit:{queue.confirmed}/{len(queue.records)}")
@@ -288,22 +293,12 @@ def test_duplicate_keys_are_handled_in_order(pg_dsn: str) -> None:
     sink.close()
 
 
-class ShiftedProbes:
-    """Proxy whose probes blame the row after the one PostgreSQL reported (a lying locator)."""
+class ShiftedProbes(TxnProxy):
+    """Probes blame the row after the one PostgreSQL reported (a lying locator)."""
 
     def __init__(self, txn: Any) -> None:
-        self.txn = txn
+        super().__init__(txn)
         self.probes = 0
-
-    def __enter__(self) -> Any:
-        self.txn.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.txn.__exit__(*exc)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.txn, name)
 
     def probe(self, ranges: Any) -> None:
         self.probes += 1
