@@ -452,9 +452,9 @@ class _Run:
             if stop - start == 1:
                 self._dead_row(start, failure, attempts)
                 return
-            hint = failure.row if locate and self.hints else None
+            hint = _located(failure, 0, stop - start) if locate and self.hints else None
             self.bisected = True
-            if not isinstance(hint, int) or isinstance(hint, bool) or not 0 <= hint < stop - start:
+            if hint is None:
                 d.metrics.add("bisections")
                 mid = (start + stop) // 2
                 self._write_range(start, mid, attempts, locate)

@@ -250,10 +250,9 @@ class CircuitBreaker:
         m = len(bits)
         pos = self._pos
         first = min(m, w - pos)
-        old = self._ring.count(1, pos, pos + first)
+        old = self._dead_in_slots(m)
         self._ring[pos : pos + first] = bits[:first]
         if m > first:
-            old += self._ring.count(1, 0, m - first)
             self._ring[0 : m - first] = bits[first:]
         self._dead_in_window += bits.count(1) - old
         self._pos = (pos + m) % w
@@ -264,6 +263,12 @@ class CircuitBreaker:
                 f"(ratio {self._dead_in_window / w:.3f} > DeadLetterPolicy.max_ratio={p.max_ratio}); "
                 "stopping instead of draining the topic into the DLQ"
             )
+
+    def _dead_in_slots(self, m: int) -> int:
+        """Dead letters in the next ``m`` window slots (the ones a batch of ``m`` overwrites)."""
+        pos = self._pos
+        first = min(m, len(self._ring) - pos)
+        return self._ring.count(1, pos, pos + first) + self._ring.count(1, 0, m - first)
 
     def _trip_consecutive(self, run: int) -> None:
         raise _consecutive_error(self.policy, run)
@@ -313,13 +318,8 @@ class BatchCheck:
         self._w = w
         self._ratio = breaker._seen + n >= w  # record() checks the ratio after this batch
         self._tail = max(0, n - w)  # inputs before this are out of the window by then
-        m = min(n, w)
-        pos = breaker._pos
-        first = min(m, w - pos)
-        overwritten = breaker._ring.count(1, pos, pos + first) + breaker._ring.count(
-            1, 0, m - first
-        )
-        self._in_window = breaker._dead_in_window - overwritten  # kept from earlier batches
+        # kept from earlier batches: the window slots this batch does not overwrite
+        self._in_window = breaker._dead_in_window - breaker._dead_in_slots(min(n, w))
         self.error: CircuitBreakerOpen | None = None
 
     def copy(self) -> BatchCheck:

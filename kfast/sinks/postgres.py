@@ -1470,8 +1470,6 @@ class RowTransaction:
             if self._sink.mode == "exactly_once":
                 self._sink._store_offsets(self._conn, self._batch)
             self._conn.commit()
-        except psycopg.Error as exc:
-            raise self._lost(exc) from exc
         except BaseException as exc:
             raise self._lost(exc) from exc
         self._open = False
