@@ -11,14 +11,13 @@ only of good rows.
 from __future__ import annotations
 
 import random
-import threading
-import time
 from typing import Any
 
 import psycopg
 import pytest
 from _sink_helpers import consume_all
 from confluent_kafka import Consumer, TopicPartition
+from runtime_util import Runner, wait_until
 
 import kfast
 from kfast.dlq import DeadLetterPolicy
@@ -106,41 +105,36 @@ def test_pipeline_survives_broker_restart(
         memory_limit="64MiB",
         install_signal_handlers=False,
     )
-    errors: list[BaseException] = []
+    r = Runner(pipe)
 
-    def target() -> None:
-        try:
-            pipe.run()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+    def or_pipeline_died(pred: Any) -> Any:
+        return lambda: pred() or not r.thread.is_alive()  # a dead pipeline: fail below
 
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
     try:
-        deadline = time.monotonic() + 60
-        while table_ids()[0] < 1_000 and time.monotonic() < deadline and th.is_alive():
-            time.sleep(0.05)
+        wait_until(or_pipeline_died(lambda: table_ids()[0] >= 1_000), 60, "rows before the restart")
         assert table_ids()[0] >= 1_000, "no rows before the restart"
         assert len(table_ids()[1]) < len(good), "everything was delivered before the restart"
         kafka_broker.restart(downtime=3.0)
         _produce(kafka_broker, unique_topic, n1, wave2)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and th.is_alive():
-            if table_ids()[1] >= good:
-                break
-            time.sleep(0.2)
+        wait_until(or_pipeline_died(lambda: table_ids()[1] >= good), 120, "every good row")
         # the last dead letters and commits follow the last rows
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and th.is_alive():
-            committed = _committed(kafka_broker.bootstrap, unique_group, unique_topic)
-            if sum(max(0, o) for o in committed.values()) >= n1 + n2:
-                break
-            time.sleep(0.5)
+        wait_until(
+            or_pipeline_died(
+                lambda: (
+                    sum(
+                        max(0, o)
+                        for o in _committed(
+                            kafka_broker.bootstrap, unique_group, unique_topic
+                        ).values()
+                    )
+                    >= n1 + n2
+                )
+            ),
+            60,
+            "commits at the end of the topic",
+        )
     finally:
-        pipe.stop()
-        th.join(60)
-    assert not th.is_alive(), "pipeline did not stop"
-    assert not errors, errors
+        r.stop()  # joins the pipeline and re-raises its error
 
     count, ids = table_ids()
     assert ids == good, f"lost {len(good - ids)} good rows, {len(ids - good)} bad rows written"
