@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import kfast
-import kfast.pipeline as pipeline_module
+import kfast.runtime.pipeline as pipeline_module
 from kfast.testing.orders import ORDER_SCHEMA, encode_orders
 
 

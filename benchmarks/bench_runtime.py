@@ -141,14 +141,14 @@ def _child_raw(bootstrap: str, topic: str, n: int, tuned: bool) -> dict[str, Any
 
 def _kfast_kafka_settings() -> dict[str, str]:
     import kfast
-    from kfast.memory import plan_memory
+    from kfast.runtime.memory import plan_memory
 
     return plan_memory("256MiB", {}, kfast.BatchPolicy(), kfast.BufferPolicy()).kafka_settings()
 
 
 def _child_kfast(bootstrap: str, topic: str, n: int, memory_limit: str) -> dict[str, Any]:
     import kfast
-    from kfast.pipeline import _rss_bytes
+    from kfast.runtime.pipeline import _rss_bytes
 
     sink = kfast.NullSink()
     pipe = kfast.Pipeline(

@@ -27,9 +27,9 @@ _LAZY = {
     "AvroDecoder": "kfast.avro",
     "ConfluentDecoder": "kfast.confluent",
     "ProtobufDecoder": "kfast.protobuf",
-    "Pipeline": "kfast.pipeline",
-    "BatchPolicy": "kfast.policies",
-    "BufferPolicy": "kfast.policies",
+    "Pipeline": "kfast.runtime.pipeline",
+    "BatchPolicy": "kfast.runtime.policies",
+    "BufferPolicy": "kfast.runtime.policies",
     "RetryPolicy": "kfast.retry",
     "DeadLetterPolicy": "kfast.dlq",
     "Sink": "kfast.sinks",
@@ -65,11 +65,11 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers
     from kfast.avro import AvroDecoder as AvroDecoder
     from kfast.confluent import ConfluentDecoder as ConfluentDecoder
     from kfast.dlq import DeadLetterPolicy as DeadLetterPolicy
-    from kfast.pipeline import Pipeline as Pipeline
-    from kfast.policies import BatchPolicy as BatchPolicy
-    from kfast.policies import BufferPolicy as BufferPolicy
     from kfast.protobuf import ProtobufDecoder as ProtobufDecoder
     from kfast.retry import RetryPolicy as RetryPolicy
+    from kfast.runtime.pipeline import Pipeline as Pipeline
+    from kfast.runtime.policies import BatchPolicy as BatchPolicy
+    from kfast.runtime.policies import BufferPolicy as BufferPolicy
     from kfast.sinks import CallableSink as CallableSink
     from kfast.sinks import NullSink as NullSink
     from kfast.sinks import Sink as Sink

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from runtime_util import SCHEMA
 
 import kfast
-from kfast.pipeline import _rss_bytes
+from kfast.runtime.pipeline import _rss_bytes
 
 
 class FileSink:

@@ -256,7 +256,7 @@ def test_schema_id_of_reads_the_frame_header(mock_registry: Any) -> None:
 def via_ring(dec: Any, values: list[bytes], out: Any = None) -> Any:
     from confluent_kafka import Message
 
-    from kfast.ring import Ring
+    from kfast.runtime.ring import Ring
 
     ring = Ring(len(values) + 1, 1 << 20)
     ring.assign("t", 0)

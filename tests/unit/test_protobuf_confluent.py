@@ -146,7 +146,7 @@ def test_pipeline_ring_path_matches_decode() -> None:
     from confluent_kafka import Message
     from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-    from kfast.ring import Ring
+    from kfast.runtime.ring import Ring
 
     client = SchemaRegistryClient.new_client({"url": "mock://kfast-protobuf-ring"})
     text = 'syntax = "proto3"; package ring; message Order { int64 id = 1; string sku = 2; }'

@@ -23,7 +23,7 @@ import kfast
 from kfast._batch import BaseDecoder
 from kfast.protobuf import ConfluentProtobufDecoder, ProtobufDecoder, message_path
 from kfast.protobuf._decoder import FramedProtobufDecoder
-from kfast.ring import Ring
+from kfast.runtime.ring import Ring
 
 pb3 = compiled("kfpb3")
 pb2 = compiled("kfpb2")

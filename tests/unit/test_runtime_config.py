@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import kfast
-from kfast.memory import MiB, plan_memory
-from kfast.policies import BatchPolicy, BufferPolicy, parse_duration, parse_size
-from kfast.source import consumer_config
+from kfast.runtime.memory import MiB, plan_memory
+from kfast.runtime.policies import BatchPolicy, BufferPolicy, parse_duration, parse_size
+from kfast.runtime.source import consumer_config
 
 SCHEMA = {"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}
 KAFKA = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g"}

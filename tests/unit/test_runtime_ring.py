@@ -7,8 +7,8 @@ from confluent_kafka import Message
 
 import kfast
 from kfast._batch import Batch
-from kfast.offsets import OffsetTracker
-from kfast.ring import SLOT_SIZE, Ring
+from kfast.runtime.offsets import OffsetTracker
+from kfast.runtime.ring import SLOT_SIZE, Ring
 from kfast.sinks import RecordSource
 
 SCHEMA = {
@@ -57,7 +57,7 @@ def ids(batch: Batch) -> list[int]:
 
 
 def test_slot_size_matches_memory_plan():
-    from kfast.memory import SLOT_BYTES
+    from kfast.runtime.memory import SLOT_BYTES
 
     assert SLOT_SIZE <= SLOT_BYTES
 
@@ -205,7 +205,7 @@ def test_offset_tracker_ignores_stale_generations_and_retries_failures():
 
 def test_message_fields_are_read_directly():
     """The ring measured confluent_kafka.Message's layout (0.08 us/message instead of 0.3)."""
-    from kfast.ring._ring import fast_path_available
+    from kfast.runtime.ring._ring import fast_path_available
 
     assert fast_path_available(), "confluent_kafka.Message layout not recognised: slow path"
 
@@ -275,7 +275,7 @@ def test_accessor_opt_out_disables_in_place_message_reads():
     import subprocess
     import sys
 
-    code = "from kfast.ring._ring import fast_path_available; print(fast_path_available())"
+    code = "from kfast.runtime.ring._ring import fast_path_available; print(fast_path_available())"
     env = dict(os.environ, KFAST_RING_ACCESSORS="1")
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

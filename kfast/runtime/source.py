@@ -30,7 +30,7 @@ from kfast.errors import ConfigError
 
 __all__ = ["Source", "consumer_config", "FORCED_FALSE"]
 
-log = logging.getLogger("kfast.source")
+log = logging.getLogger("kfast.runtime.source")
 
 FORCED_FALSE = ("enable.auto.commit", "enable.auto.offset.store")
 _CALLBACK_KEYS = ("on_commit", "stats_cb", "error_cb", "throttle_cb", "logger", "oauth_cb")

@@ -137,7 +137,7 @@ class BatchPolicy:
 class BufferPolicy:
     """The ring: how many messages and payload bytes may wait between poll and sink.
 
-    ``None`` means "derive from ``memory_limit``" (see :mod:`kfast.memory`).
+    ``None`` means "derive from ``memory_limit``" (see :mod:`kfast.runtime.memory`).
     Partitions are paused when the ring is ``pause_at`` full (messages or
     bytes) or a message did not fit, and resumed when it drains to
     ``resume_at`` (hysteresis: ``resume_at < pause_at``).

@@ -38,14 +38,14 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kfast.errors import ConfigError, DecodeError, KfastError, TransientSinkError
-from kfast.memory import MemoryPlan, plan_memory
-from kfast.offsets import OffsetTracker
-from kfast.policies import BatchPolicy, BufferPolicy, parse_duration
+from kfast.runtime.memory import MemoryPlan, plan_memory
+from kfast.runtime.offsets import OffsetTracker
+from kfast.runtime.policies import BatchPolicy, BufferPolicy, parse_duration
 from kfast.sinks import BatchContext, CallableSink, PipelineInfo
 
 __all__ = ["Pipeline"]
 
-log = logging.getLogger("kfast.pipeline")
+log = logging.getLogger("kfast.runtime.pipeline")
 
 _SAMPLES = 2048  # latency / batch-size samples kept per stage (bounded reservoir)
 _STAGES = ("poll", "decode", "deliver", "end_to_end")
@@ -120,8 +120,8 @@ class Pipeline:
     """Consume ``topics``, decode with ``decoder``, write to ``sink``; see the module doc.
 
     ``kafka`` is a dict of librdkafka settings passed through untouched except
-    for the few kfast must control (see :mod:`kfast.source`). Policies bound
-    every buffer; ``memory_limit`` is split by :func:`kfast.memory.plan_memory`
+    for the few kfast must control (see :mod:`kfast.runtime.source`). Policies bound
+    every buffer; ``memory_limit`` is split by :func:`kfast.runtime.memory.plan_memory`
     (``memory_plan()`` shows the split).
     """
 
@@ -235,7 +235,7 @@ class Pipeline:
             memory_limit, self.kafka, batch, buffer, dlq=dlq is not None, partitions=partitions
         )
         # fail now, not in run(), on librdkafka settings it rejects
-        from kfast.source import consumer_config
+        from kfast.runtime.source import consumer_config
 
         consumer_config(self.kafka, self._plan.kafka_settings())
 
@@ -266,7 +266,7 @@ class Pipeline:
 
     # ----------------------------------------------------------------- public
     def memory_plan(self) -> MemoryPlan:
-        """How ``memory_limit`` is split (see :mod:`kfast.memory`)."""
+        """How ``memory_limit`` is split (see :mod:`kfast.runtime.memory`)."""
         return self._plan
 
     def stop(self) -> None:
@@ -285,8 +285,8 @@ class Pipeline:
         Raises the worker's error (e.g. ``RetryExhausted``, ``DecodeError``)
         after a clean shutdown that commits only what was durable.
         """
-        from kfast.ring import Ring
-        from kfast.source import Source
+        from kfast.runtime.ring import Ring
+        from kfast.runtime.source import Source
 
         if self._ran:
             raise KfastError("a Pipeline runs once; build a new one to run again")

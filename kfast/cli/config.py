@@ -1,7 +1,4 @@
-"""``kfast`` command line.
-
-    kfast run pipeline.toml [--plan] [--log-level INFO]
-    kfast replay DLQ_TOPIC ...          (see kfast.dlq.replay_main)
+"""``kfast run`` configuration: a TOML file -> :class:`kfast.Pipeline`.
 
 ``pipeline.toml`` holds the same fields as :class:`kfast.Pipeline`::
 
@@ -39,16 +36,13 @@ naming the field (``pipeline.toml: [batch].max_rows: ...``).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kfast.errors import ConfigError, KfastError
+from kfast.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +52,7 @@ else:  # pragma: no cover - Python 3.10: the tomli backport has the same API
     except ImportError:
         tomllib = None
 
-__all__ = ["main", "load_pipeline", "build_pipeline"]
+__all__ = ["build_pipeline", "load_pipeline"]
 
 _PIPELINE_KEYS = {
     "topics",
@@ -200,8 +194,8 @@ def _sink(spec: dict[str, Any]) -> Any:
 
 def build_pipeline(doc: dict[str, Any], base: Path) -> Any:
     """A :class:`kfast.Pipeline` from a parsed TOML document (``base``: its directory)."""
-    from kfast.pipeline import Pipeline
-    from kfast.policies import BatchPolicy, BufferPolicy
+    from kfast.runtime.pipeline import Pipeline
+    from kfast.runtime.policies import BatchPolicy, BufferPolicy
 
     unknown = sorted(k for k in doc if k not in _PIPELINE_KEYS | _SECTIONS)
     if unknown:
@@ -250,47 +244,3 @@ def load_pipeline(path: str | Path) -> Any:
         return build_pipeline(doc, p.parent)
     except ConfigError as e:
         raise ConfigError(f"{p.name}: {e}") from None
-
-
-def _run(ns: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, ns.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    pipe = load_pipeline(ns.config)
-    if ns.plan:
-        print(pipe.memory_plan().describe())
-        return 0
-    pipe.run()
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``kfast``; returns the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "replay":
-        from kfast.dlq import replay_main
-
-        return int(replay_main(args[1:]))
-    parser = argparse.ArgumentParser(prog="kfast", description="kfast: bounded Kafka pipelines")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run a pipeline described by a TOML file")
-    run.add_argument("config", help="pipeline.toml")
-    run.add_argument("--plan", action="store_true", help="print the memory plan and exit")
-    run.add_argument("--log-level", default="INFO")
-    sub.add_parser("replay", help="re-publish dead letters (see 'kfast replay --help')")
-    ns = parser.parse_args(args)
-    try:
-        if ns.cmd == "run":
-            return _run(ns)
-    except ConfigError as e:
-        print(f"kfast: configuration error: {e}", file=sys.stderr)
-        return 2
-    except KfastError as e:
-        print(f"kfast: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 2  # pragma: no cover
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -34,14 +34,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kfast.errors import ConfigError
-from kfast.policies import BatchPolicy, BufferPolicy, parse_size
+from kfast.runtime.policies import BatchPolicy, BufferPolicy, parse_size
 
 __all__ = ["MemoryPlan", "plan_memory", "SLOT_BYTES", "RDKAFKA_MSG_OVERHEAD"]
 
 KiB = 1 << 10
 MiB = 1 << 20
 
-#: bytes of ring metadata per message slot (kfast.ring._ring.SLOT_SIZE, rounded up)
+#: bytes of ring metadata per message slot (kfast.runtime.ring._ring.SLOT_SIZE, rounded up)
 SLOT_BYTES = 64
 #: librdkafka's own bytes per queued message besides the payload (op + msg structs)
 RDKAFKA_MSG_OVERHEAD = 512

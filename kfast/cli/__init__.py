@@ -1,0 +1,63 @@
+"""``kfast`` command line.
+
+    kfast run pipeline.toml [--plan] [--log-level INFO]
+    kfast replay DLQ_TOPIC ...          (see kfast.dlq.replay_main)
+
+The TOML file's fields are described in :mod:`kfast.cli.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from kfast.cli.config import build_pipeline, load_pipeline
+from kfast.errors import ConfigError, KfastError
+
+__all__ = ["build_pipeline", "load_pipeline", "main"]
+
+
+def _run(ns: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    pipe = load_pipeline(ns.config)
+    if ns.plan:
+        print(pipe.memory_plan().describe())
+        return 0
+    pipe.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``kfast``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "replay":
+        from kfast.dlq import replay_main
+
+        return int(replay_main(args[1:]))
+    parser = argparse.ArgumentParser(prog="kfast", description="kfast: bounded Kafka pipelines")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run a pipeline described by a TOML file")
+    run.add_argument("config", help="pipeline.toml")
+    run.add_argument("--plan", action="store_true", help="print the memory plan and exit")
+    run.add_argument("--log-level", default="INFO")
+    sub.add_parser("replay", help="re-publish dead letters (see 'kfast replay --help')")
+    ns = parser.parse_args(args)
+    try:
+        if ns.cmd == "run":
+            return _run(ns)
+    except ConfigError as e:
+        print(f"kfast: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KfastError as e:
+        print(f"kfast: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The runtime: Kafka source, ring, decoder and worker threads, offsets, memory plan."""
