@@ -54,3 +54,18 @@ class RetryExhausted(KfastError):
         super().__init__(message)
         self.attempts = attempts
         self.last_error = last_error
+
+
+class SchemaRegistryUnavailable(DecodeError):
+    """The schema registry could not answer: connection refused, timeout, 5xx or 429.
+
+    An outage, never bad data: a decoder raises it for the whole batch (no
+    row errors), and the Pipeline retries the batch under its ``RetryPolicy``
+    with the affected partitions held back, dead-lettering nothing.
+    ``url`` names the registry, ``status`` the HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
