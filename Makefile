@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kfast-installed
 
-.PHONY: test lint typecheck unit demo bench fetch-kafka clean build
+.PHONY: test lint typecheck unit demo bench fetch-kafka fetch-registry clean build
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ build: $(STAMP)
 fetch-kafka: $(STAMP)
 	$(PY) -m kfast.testing.kafka fetch
 
+fetch-registry: $(STAMP)
+	$(PY) -m kfast.testing.registry fetch
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kfast tests benchmarks
 	$(VENV)/bin/ruff format --check kfast tests benchmarks
@@ -31,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: build fetch-kafka lint typecheck
+test: build fetch-kafka fetch-registry lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 unit: build

@@ -12,6 +12,8 @@ Fixtures:
 - ``kafka_consumer_config`` (session): ``kafka_consumer_config(group, **overrides) -> dict``.
 - ``pg_server`` (session): :class:`kfast.testing.PostgresServer` (``.dsn``, ``.stop``,
   ``.start``, ``.restart``).  ``pg_dsn`` (session): its DSN.
+- ``schema_registry`` (session): :class:`kfast.testing.registry.SchemaRegistry` (Apicurio
+  Registry; ``.url`` is its Confluent-compatible API, ``.stop``, ``.start``, ``.restart``).
 - ``unique_topic``, ``unique_group`` (function): fresh names per test.
 
 A test that leaves a session service stopped gets it started again after it finishes, so one
@@ -31,6 +33,7 @@ import pytest
 
 from kfast.testing.kafka import KAFKA_VERSION, KafkaBroker
 from kfast.testing.postgres import PostgresServer
+from kfast.testing.registry import REGISTRY_VERSION, SchemaRegistry
 
 __all__ = [
     "kafka_bootstrap",
@@ -38,6 +41,7 @@ __all__ = [
     "kafka_consumer_config",
     "pg_dsn",
     "pg_server",
+    "schema_registry",
     "unique_group",
     "unique_name",
     "unique_topic",
@@ -45,6 +49,7 @@ __all__ = [
 
 _BROKER = pytest.StashKey[KafkaBroker]()
 _PG = pytest.StashKey[PostgresServer]()
+_REGISTRY = pytest.StashKey[SchemaRegistry]()
 _REPORT = pytest.StashKey[list[str]]()
 _OLD_SIGTERM = pytest.StashKey[Any]()
 
@@ -166,6 +171,33 @@ def pg_dsn(pg_server: PostgresServer) -> str:
     return pg_server.dsn
 
 
+@pytest.fixture(scope="session")
+def schema_registry(request: pytest.FixtureRequest) -> Iterator[SchemaRegistry]:
+    _teardown_on_sigterm(request.config)
+    registry = SchemaRegistry()
+    try:
+        registry.start()
+    except BaseException:
+        registry.close()
+        raise
+    request.config.stash[_REGISTRY] = registry
+    if registry.external:
+        where = f"external schema registry {registry.url} (KFAST_TEST_REGISTRY)"
+    else:
+        t = registry.timings
+        where = (
+            f"Apicurio Registry {REGISTRY_VERSION} on {registry.url}: ready in "
+            f"{t.get('total_s', 0):.1f} s (fetch {t.get('fetch_s', 0):.1f} s, start "
+            f"{t.get('start_s', 0):.1f} s)"
+        )
+    request.config.stash[_REPORT].append(where)
+    try:
+        yield registry
+    finally:
+        del request.config.stash[_REGISTRY]
+        registry.close()
+
+
 @pytest.fixture
 def unique_topic(request: pytest.FixtureRequest) -> str:
     return unique_name("t", request.node.name)
@@ -186,3 +218,6 @@ def _kfast_restore_services(request: pytest.FixtureRequest) -> Iterator[None]:
     server = request.config.stash.get(_PG, None)
     if server is not None and not server.running:
         server.start()
+    registry = request.config.stash.get(_REGISTRY, None)
+    if registry is not None and not registry.running:
+        registry.start()
