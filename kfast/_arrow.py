@@ -1,28 +1,30 @@
-"""Batch -> pyarrow.RecordBatch, wrapping kfast's buffers without copying.
+"""pyarrow helpers of the Arrow export (the export itself is ``kfast._arrow_c``).
 
-Fixed-width, string/binary, list and map columns share kfast's memory (the
-Arrow arrays hold buffer exports, so the batch cannot be recycled while they
-are alive). Booleans (kfast stores a byte per value, Arrow a bit), decimals
-and object columns are converted.
+``batch_to_arrow`` is ``pyarrow.record_batch(batch)`` over the C data
+interface. ``object_array`` converts an OBJECT column (values that have no
+columnar layout in kfast: Avro unions of several types, recursive records,
+arrays or maps of records; Protobuf recursive messages, maps with message
+values) into a pyarrow array, typed from the Avro schema when there is one:
+
+* a union ``["null", T]`` is a nullable ``T``;
+* a union of several types is a dense union with one child per branch (a
+  ``null`` branch becomes a child of Arrow's null type); a value goes to the
+  first branch it fits, the rule fastavro's writer follows;
+* enums are ``dictionary<int32, string>``, fixed is ``fixed_size_binary``,
+  maps are ``map<string, T>``;
+* a recursive record has no finite Arrow type: the column is its JSON text.
+
+Protobuf OBJECT values are inferred by pyarrow; when they cannot be (mixed
+shapes), the column is JSON text too.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal as _decimal
+import json
+import uuid as _uuid
 from typing import Any
-
-from kfast._layout import ListNode, MapNode, Node, ObjectNode, RecordNode, ValueNode
-
-_TIME_TYPES = {
-    "date": ("date32", None),
-    "time-millis": ("time32", "ms"),
-    "time-micros": ("time64", "us"),
-    "timestamp-millis": ("timestamp", "ms"),
-    "timestamp-micros": ("timestamp", "us"),
-    "timestamp-nanos": ("timestamp", "ns"),
-    "local-timestamp-millis": ("timestamp", "ms"),
-    "local-timestamp-micros": ("timestamp", "us"),
-    "local-timestamp-nanos": ("timestamp", "ns"),
-}
 
 
 def _pa() -> Any:
@@ -34,114 +36,234 @@ def _pa() -> Any:
 
 
 def batch_to_arrow(batch: Any) -> Any:
+    """A ``pyarrow.RecordBatch`` sharing the batch's buffers (C data interface)."""
+    return _pa().record_batch(batch)
+
+
+# ---------------------------------------------------------------- OBJECT columns
+
+
+class _Recursive(Exception):
+    """The schema refers to itself: no finite Arrow type."""
+
+
+def object_array(values: list[Any], converter: Any) -> Any:
+    """A pyarrow array of an OBJECT column's Python values."""
     pa = _pa()
-    layout: RecordNode = batch.layout
-    arrays = [_array(pa, batch, child) for _, child in layout.fields]
-    names = [name for name, _ in layout.fields]
-    if not arrays:
-        return pa.RecordBatch.from_pydict({})
-    return pa.RecordBatch.from_arrays(arrays, names=names)
+    schemas = getattr(converter, "schemas", None)
+    if schemas is not None:
+        writer, reader = schemas
+        schema = reader if reader is not None else writer
+        try:
+            arrow_type(pa, schema, ())
+        except _Recursive:
+            return _json_array(pa, values)
+        return _build(pa, schema, values)
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return _json_array(pa, values)
 
 
-def _buffers(pa: Any, view: Any) -> tuple[Any, Any]:
-    validity = view.validity
-    return (pa.py_buffer(validity) if validity is not None else None), view.null_count
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(value)
 
 
-def _array(pa: Any, batch: Any, node: Node) -> Any:
-    if isinstance(node, ValueNode):
-        return _value_array(pa, batch, node)
-    if isinstance(node, ObjectNode):
-        return pa.array(batch.column(batch.names[node.col]).to_pylist())
-    if isinstance(node, RecordNode):
-        children = [_array(pa, batch, child) for _, child in node.fields]
-        fields = [pa.field(name, arr.type) for (name, _), arr in zip(node.fields, children)]
-        if node.valid_col < 0:
-            return pa.StructArray.from_arrays(children, fields=fields)
-        view = batch.column(batch.names[node.valid_col])
-        validity, nulls = _buffers(pa, view)
-        return pa.Array.from_buffers(
-            pa.struct(fields), len(view), [validity], null_count=nulls, children=children
-        )
-    view = batch.column(batch.names[node.col])
-    validity, nulls = _buffers(pa, view)
-    offsets = pa.py_buffer(view.offsets)
-    if isinstance(node, ListNode):
-        item = _array(pa, batch, node.item)
-        return pa.Array.from_buffers(
-            pa.list_(item.type), len(view), [validity, offsets], null_count=nulls, children=[item]
-        )
-    if isinstance(node, MapNode):
-        keys = _array(pa, batch, node.key)
-        values = _array(pa, batch, node.value)
-        entries = pa.StructArray.from_arrays(
-            [keys, values],
-            fields=[pa.field("key", keys.type, nullable=False), pa.field("value", values.type)],
-        )
-        return pa.Array.from_buffers(
-            pa.map_(keys.type, values.type),
-            len(view),
-            [validity, offsets],
-            null_count=nulls,
-            children=[entries],
-        )
-    raise TypeError(f"unknown layout node {node!r}")
+def _json_array(pa: Any, values: list[Any]) -> Any:
+    return pa.array(
+        [None if v is None else json.dumps(v, default=_json_default) for v in values],
+        type=pa.string(),
+    )
 
 
-def _value_array(pa: Any, batch: Any, node: ValueNode) -> Any:
-    if node.col < 0:
-        return pa.nulls(batch.num_rows)
-    view = batch.column(batch.names[node.col])
-    kind = view.kind
-    conv = node.conv
-    n = len(view)
-    validity, nulls = _buffers(pa, view)
-    if conv == "decimal":
-        precision, scale = node.arg
-        dtype = (
+_TIME_LOGICAL = {
+    ("int", "date"): "date32",
+    ("int", "time-millis"): "time32ms",
+    ("long", "time-micros"): "time64us",
+    ("long", "timestamp-millis"): "tsms",
+    ("long", "timestamp-micros"): "tsus",
+    ("long", "local-timestamp-millis"): "ltsms",
+    ("long", "local-timestamp-micros"): "ltsus",
+}
+
+
+def _branches(schema: Any) -> tuple[list[Any], bool]:
+    """Non-null branches of a union and whether null is one of them."""
+    non_null = [b for b in schema.branches if b.type != "null"]
+    return non_null, len(non_null) != len(schema.branches)
+
+
+def arrow_type(pa: Any, s: Any, stack: tuple[int, ...]) -> Any:
+    """The Arrow type of a kfast.avro.schema.Schema node (raises _Recursive)."""
+    t = s.type
+    logical = _TIME_LOGICAL.get((t, s.logical))
+    if logical is not None:
+        return {
+            "date32": pa.date32(),
+            "time32ms": pa.time32("ms"),
+            "time64us": pa.time64("us"),
+            "tsms": pa.timestamp("ms", tz="UTC"),
+            "tsus": pa.timestamp("us", tz="UTC"),
+            "ltsms": pa.timestamp("ms"),
+            "ltsus": pa.timestamp("us"),
+        }[logical]
+    if s.logical == "decimal" and t in ("bytes", "fixed"):
+        precision = int(s.props["precision"])
+        scale = int(s.props.get("scale", 0))
+        return (
             pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
         )
-        return pa.array(view.to_pylist(), type=dtype)
-    if conv == "enum":
-        indices = pa.Array.from_buffers(
-            pa.int32(), n, [validity, pa.py_buffer(view.values)], null_count=nulls
+    simple = {
+        "null": pa.null(),
+        "boolean": pa.bool_(),
+        "int": pa.int32(),
+        "long": pa.int64(),
+        "float": pa.float32(),
+        "double": pa.float64(),
+        "bytes": pa.binary(),
+        "string": pa.string(),
+    }
+    if t in simple:
+        return simple[t]
+    if t == "fixed":
+        return pa.binary(s.size)
+    if t == "enum":
+        return pa.dictionary(pa.int32(), pa.string())
+    if id(s) in stack:
+        raise _Recursive()
+    inner = (*stack, id(s))
+    if t in ("record", "error"):
+        return pa.struct([pa.field(f.name, arrow_type(pa, f.type, inner)) for f in s.fields])
+    if t == "array":
+        return pa.list_(arrow_type(pa, s.items, inner))
+    if t == "map":
+        return pa.map_(pa.string(), arrow_type(pa, s.items, inner))
+    if t == "union":
+        non_null, _ = _branches(s)
+        if len(non_null) == 1:
+            return arrow_type(pa, non_null[0], inner)
+        return pa.dense_union(
+            [pa.field(_branch_name(b), arrow_type(pa, b, inner)) for b in s.branches]
         )
-        if isinstance(node.arg, dict):
-            return pa.array(view.to_pylist())
-        return pa.DictionaryArray.from_arrays(indices, pa.array(list(node.arg), pa.string()))
-    if kind in ("binary", "object"):
-        text = conv in ("str", "uuid")
-        return pa.Array.from_buffers(
-            pa.string() if text else pa.binary(),
-            n,
-            [validity, pa.py_buffer(view.offsets), pa.py_buffer(view.values)],
-            null_count=nulls,
-        )
-    if kind == "bool":
-        raw = pa.Array.from_buffers(
-            pa.uint8(), n, [validity, pa.py_buffer(view.values)], null_count=nulls
-        )
-        return raw.cast(pa.bool_())
-    if conv in _TIME_TYPES:
-        family, unit = _TIME_TYPES[conv]
-        if family == "date32":
-            dtype = pa.date32()
-        elif family == "time32":
-            dtype = pa.time32(unit)
-        elif family == "time64":
-            dtype = pa.time64(unit)
-        else:
-            dtype = pa.timestamp(unit, tz="UTC" if not conv.startswith("local") else None)
-        return pa.Array.from_buffers(
-            dtype, n, [validity, pa.py_buffer(view.values)], null_count=nulls
-        )
-    dtype = {
-        ("int32", "uint32"): pa.uint32(),
-        ("int64", "uint64"): pa.uint64(),
-    }.get((kind, conv)) or {
-        "int32": pa.int32(),
-        "int64": pa.int64(),
-        "float32": pa.float32(),
-        "float64": pa.float64(),
-    }[kind]
-    return pa.Array.from_buffers(dtype, n, [validity, pa.py_buffer(view.values)], null_count=nulls)
+    raise TypeError(f"no Arrow type for Avro type {t!r}")
+
+
+def _branch_name(s: Any) -> str:
+    return s.short_name if s.type in ("record", "error", "enum", "fixed") else s.type
+
+
+def _has_union(s: Any, seen: set[int] | None = None) -> bool:
+    seen = set() if seen is None else seen
+    if id(s) in seen:
+        return False
+    seen.add(id(s))
+    if s.type == "union":
+        return len(_branches(s)[0]) > 1 or any(_has_union(b, seen) for b in s.branches)
+    if s.type in ("record", "error"):
+        return any(_has_union(f.type, seen) for f in s.fields)
+    if s.type in ("array", "map"):
+        return _has_union(s.items, seen)
+    return False
+
+
+def _build(pa: Any, s: Any, values: list[Any]) -> Any:
+    """pyarrow builds what it can; unions (which it cannot build from Python
+    values) are assembled from their branches' arrays."""
+    if not _has_union(s):
+        return pa.array(values, type=arrow_type(pa, s, ()))
+    t = s.type
+    mask = pa.array([v is None for v in values], type=pa.bool_())
+    if t == "union":
+        non_null, _ = _branches(s)
+        if len(non_null) == 1:
+            return _build(pa, non_null[0], values)
+        return _union(pa, s, values)
+    if t in ("record", "error"):
+        children = [
+            _build(pa, f.type, [None if v is None else v.get(f.name) for v in values])
+            for f in s.fields
+        ]
+        return pa.StructArray.from_arrays(
+            children, fields=[pa.field(f.name, c.type) for f, c in zip(s.fields, children)],
+            mask=mask,
+        )  # fmt: skip
+    offsets = [0]
+    flat: list[Any] = []
+    for v in values:
+        if v is not None:
+            flat.extend(v.values() if t == "map" else v)
+        offsets.append(len(flat))
+    items = _build(pa, s.items, flat)
+    offs = pa.array(offsets, type=pa.int32())
+    if t == "array":
+        return pa.ListArray.from_arrays(offs, items, mask=mask)
+    keys = pa.array([k for v in values if v is not None for k in v], type=pa.string())
+    return pa.MapArray.from_arrays(offs, keys, items, mask=mask)
+
+
+def _union(pa: Any, s: Any, values: list[Any]) -> Any:
+    branches = s.branches
+    groups: list[list[Any]] = [[] for _ in branches]
+    types: list[int] = []
+    offsets: list[int] = []
+    for v in values:
+        code = next((i for i, b in enumerate(branches) if _fits(b, v)), -1)
+        if code < 0:
+            raise TypeError(f"value {v!r} fits no branch of the union")
+        types.append(code)
+        offsets.append(len(groups[code]))
+        groups[code].append(v)
+    children = [_build(pa, b, g) for b, g in zip(branches, groups)]
+    return pa.UnionArray.from_dense(
+        pa.array(types, type=pa.int8()),
+        pa.array(offsets, type=pa.int32()),
+        children,
+        [_branch_name(b) for b in branches],
+    )
+
+
+def _fits(s: Any, v: Any) -> bool:
+    """Whether Python value ``v`` (as fastavro returns it) belongs to branch ``s``."""
+    t = s.type
+    if t == "null":
+        return v is None
+    if v is None:
+        return False
+    if s.logical == "decimal":
+        return isinstance(v, _decimal.Decimal)
+    if s.logical == "uuid":
+        return isinstance(v, (_uuid.UUID, str))
+    logical = _TIME_LOGICAL.get((t, s.logical))
+    if logical is not None:
+        if logical == "date32":
+            return isinstance(v, _dt.date) and not isinstance(v, _dt.datetime)
+        if logical.startswith("time"):
+            return isinstance(v, _dt.time)
+        return isinstance(v, _dt.datetime)
+    if t == "boolean":
+        return isinstance(v, bool)
+    if t == "int":
+        return isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31
+    if t == "long":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t in ("float", "double"):
+        return isinstance(v, float)
+    if t == "string":
+        return isinstance(v, str)
+    if t == "bytes":
+        return isinstance(v, bytes)
+    if t == "fixed":
+        return isinstance(v, bytes) and len(v) == s.size
+    if t == "enum":
+        return isinstance(v, str) and v in s.symbols
+    if t in ("record", "error"):
+        return isinstance(v, dict) and set(v) == {f.name for f in s.fields}
+    if t == "array":
+        return isinstance(v, list)
+    if t == "map":
+        return isinstance(v, dict)
+    if t == "union":
+        return any(_fits(b, v) for b in s.branches)
+    return False

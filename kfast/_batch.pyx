@@ -242,7 +242,8 @@ cdef class Batch:
         if self.exports:
             raise BufferError(
                 "cannot reuse this batch: views of its buffers are still alive "
-                "(release the memoryviews or decode into a new batch)")
+                "(release the memoryviews, numpy and Arrow arrays over it, "
+                "or decode into a new batch)")
         n = len(spec)
         if spec == self.spec:
             for k in range(n):
@@ -422,9 +423,25 @@ cdef class Batch:
         return out
 
     def to_arrow(self):
-        """A ``pyarrow.RecordBatch`` (requires the ``arrow`` extra)."""
+        """A ``pyarrow.RecordBatch`` over the batch's buffers (``pyarrow.record_batch(batch)``)."""
         from kfast._arrow import batch_to_arrow
         return batch_to_arrow(self)
+
+    # Arrow PyCapsule interface (kfast._arrow_c): the batch is a struct array
+    # of its top-level columns; its buffers are shared, not copied, and the
+    # batch refuses recycling until every exported array is released.
+
+    def __arrow_c_schema__(self):
+        from kfast._arrow_c import export_schema
+        return export_schema(self)
+
+    def __arrow_c_array__(self, requested_schema=None):
+        from kfast._arrow_c import export_array
+        return export_array(self)
+
+    def __arrow_c_stream__(self, requested_schema=None):
+        from kfast._arrow_c import export_stream
+        return export_stream(self)
 
     # ------------------------------------------------------------ to_pylist
 
@@ -754,7 +771,7 @@ cdef class ColumnView:
     def __getbuffer__(self, Py_buffer* view, int flags):
         cdef Column* c = &self.batch.cols[self.index]
         if c.kind not in _KIND_FORMATS:
-            raise BufferError(f"column {self.name!r} is {self.kind}: use .offsets and .values")
+            raise BufferError(self._no_buffer())
         self.fmt = _KIND_FORMATS[c.kind]
         _fill_view(view, self, <char*>c.values.data if c.values.data != NULL else <char*>b"",
                    c.length * c.width, c.width, self.fmt, flags, self.shape, self.strides)
@@ -762,6 +779,21 @@ cdef class ColumnView:
 
     def __releasebuffer__(self, Py_buffer* view):
         self.batch.exports -= 1
+
+    def _no_buffer(self):
+        return (f"column {self.name!r} is {self.kind}: it has no single values buffer; "
+                f"use .offsets (int32, n + 1) and .values, or pyarrow.table(batch)")
+
+    def __array__(self, dtype=None, copy=None):
+        # numpy falls back to __array__ when the buffer protocol refuses and
+        # would otherwise wrap the view in a 0-d object array.
+        if self.batch.cols[self.index].kind not in _KIND_FORMATS:
+            raise TypeError(self._no_buffer())
+        import numpy
+        arr = numpy.asarray(memoryview(self))
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+        return arr.copy() if copy else arr
 
     def __repr__(self):
         return f"<kfast.ColumnView {self.name!r} {self.kind} len={len(self)}>"
