@@ -9,7 +9,6 @@ Switches (environment variables):
 import os
 from pathlib import Path
 
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -23,6 +22,9 @@ ONLY = [p for p in os.environ.get("KFAST_ONLY", "").split(",") if p]
 
 
 def extensions() -> list:
+    # Portable code only: no -march/-mtune here, so a wheel runs on any CPU of its platform
+    # tag (x86-64 baseline, SSE2). The interpreter's own CFLAGS (sysconfig) are the base and
+    # carry none either (checked by `make dist`, docs/install.md).
     compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
     link_args = []
     macros = []
@@ -42,32 +44,47 @@ def extensions() -> list:
         exts.append(
             Extension(
                 name,
-                [str(rel)],
+                [rel.as_posix()],
                 extra_compile_args=compile_args,
                 extra_link_args=link_args,
                 define_macros=macros,
             )
         )
-    return cythonize(
-        exts,
-        annotate=ANNOTATE,
-        compiler_directives={
-            "language_level": 3,
-            "linetrace": DEBUG,
-            "embedsignature": True,
-        },
-        include_path=[str(ROOT)],
-        nthreads=os.cpu_count() or 1,
-    )
+    return exts
 
 
 class ParallelBuildExt(build_ext):
-    """Compile the C sources on every core (pip gives no -j switch)."""
+    """Cythonize, then compile the C sources on every core (pip gives no -j switch).
+
+    Cython runs in run(), not when this file is loaded nor in finalize_options() (which the
+    sdist command calls to list sources): building the sdist translates nothing, and the
+    sdist ships .pyx/.pxd, never generated C.
+    """
 
     def finalize_options(self) -> None:
         super().finalize_options()
         if not self.parallel:
             self.parallel = os.cpu_count() or 1
 
+    def run(self) -> None:
+        from Cython.Build import cythonize
+
+        translated = cythonize(
+            self.extensions,
+            annotate=ANNOTATE,
+            compiler_directives={
+                "language_level": 3,
+                "linetrace": DEBUG,
+                "embedsignature": True,
+            },
+            include_path=[str(ROOT)],
+            nthreads=os.cpu_count() or 1,
+        )
+        # setuptools keeps bookkeeping on the Extension objects it finalized; cythonize returns
+        # new ones, so only their (now .c) sources are carried over.
+        by_name = {ext.name: ext for ext in translated}
+        for ext in self.extensions:
+            ext.sources = by_name[ext.name].sources
+        super().run()
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": ParallelBuildExt})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from kfast._version import __version__ as __version__
 from kfast.errors import (
     ConfigError,
     DecodeError,
@@ -19,8 +20,6 @@ from kfast.errors import (
     TransientSinkError,
 )
 from kfast.row_error import RowError
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "Batch": "kfast._batch",

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from kfast._version import __version__
 from kfast.cli.config import build_pipeline, load_pipeline
 from kfast.errors import ConfigError, KfastError
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(replay_main(args[1:]))
     parser = argparse.ArgumentParser(prog="kfast", description="kfast: bounded Kafka pipelines")
+    parser.add_argument("--version", action="version", version=f"kfast {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run a pipeline described by a TOML file")
     run.add_argument("config", help="pipeline.toml")
