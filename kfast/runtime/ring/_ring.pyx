@@ -697,6 +697,99 @@ cdef class Ring:
         return &self.slots[seq % self.capacity_messages]
 
 
+# ----------------------------------------------------------------------------
+# C push path (declared in _ring.pxd): kfast.runtime.kafka copies librdkafka's
+# messages in without building a Python object per message. Same rules as
+# Ring.push, message by message.
+# ----------------------------------------------------------------------------
+cdef int ring_lookup(object ring, str topic, int partition) except -2:
+    idx = (<Ring>ring).index.get((topic, partition))
+    return -1 if idx is None else <int>idx
+
+
+cdef int ring_store(object ring, int p, int64_t off, int64_t timestamp,
+                    const unsigned char* key, Py_ssize_t klen,
+                    const unsigned char* value, Py_ssize_t vlen,
+                    const unsigned char* headers, Py_ssize_t hlen) except -1:
+    cdef Ring r = <Ring>ring
+    cdef Py_ssize_t need, aoff
+    cdef int32_t flags = 0
+    cdef Slot* s
+    if p < 0 or not r.assigned[p]:
+        r.dropped_unassigned += 1
+        return 0
+    if r.rstate[p] == R_NEED_SEEK:
+        r.dropped_rewind += 1
+        return 0
+    if r.expected[p] >= 0:
+        if off < r.expected[p]:
+            r.dropped_duplicate += 1
+            return 0
+        if off > r.expected[p]:
+            r.gaps += 1
+    if r.head - r.tail >= r.capacity_messages:
+        r._start_rewind(p, off)
+        r.dropped_rewind += 1
+        return 0
+    if key != NULL:
+        flags |= F_KEY
+    else:
+        klen = 0
+    if value == NULL:
+        flags |= F_TOMBSTONE
+        vlen = 0
+    if not r.keep_headers or headers == NULL:
+        hlen = 0
+    if hlen:
+        flags |= F_HEADERS
+    need = klen + vlen + hlen
+    if need > r.capacity_bytes:
+        if r.overflow:
+            r._start_rewind(p, off)
+            r.dropped_rewind += 1
+            return 0
+        flags |= F_OVERSIZED
+        r.overflow[r.head] = (
+            None if key == NULL else PyBytes_FromStringAndSize(<const char*>key, klen),
+            None if value == NULL else PyBytes_FromStringAndSize(<const char*>value, vlen),
+            PyBytes_FromStringAndSize(<const char*>headers, hlen) if hlen else None,
+        )
+        aoff = r.wpos if r.head != r.tail else 0
+        need = 0
+        r.oversized += 1
+    else:
+        aoff = r._alloc(need)
+        if aoff < 0:
+            r._start_rewind(p, off)
+            r.dropped_rewind += 1
+            return 0
+        if klen:
+            memcpy(r.arena + aoff, key, klen)
+        if vlen:
+            memcpy(r.arena + aoff + klen, value, vlen)
+        if hlen:
+            memcpy(r.arena + aoff + klen + vlen, headers, hlen)
+    s = &r.slots[r.head % r.capacity_messages]
+    s.offset = off
+    s.timestamp = timestamp
+    s.aoff = aoff
+    s.alen = need
+    s.vlen = vlen
+    s.klen = <int32_t>klen
+    s.hlen = <int32_t>hlen
+    s.part = p
+    s.gen = r.gen[p]
+    s.flags = flags
+    if r.head == r.tail:
+        r.rpos = aoff
+    r.wpos = aoff + need
+    r.head += 1
+    r.payload_bytes += need
+    r.expected[p] = off + 1
+    r.pushed += 1
+    return 1
+
+
 cdef inline void _copy_into(unsigned char* dst, object src, Py_ssize_t n) except *:
     cdef const unsigned char[::1] mv
     if PyBytes_Check(src):
