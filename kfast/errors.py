@@ -56,6 +56,17 @@ class RetryExhausted(KfastError):
         self.last_error = last_error
 
 
+class StartupTimeout(KfastError):
+    """``Pipeline.start()`` with ``startup_timeout``: not ready in time (broker or sink unreachable).
+
+    ``health`` is the pipeline's :class:`kfast.runtime.health.Health` at that moment.
+    """
+
+    def __init__(self, message: str, *, health: object = None) -> None:
+        super().__init__(message)
+        self.health = health
+
+
 class SchemaRegistryUnavailable(DecodeError):
     """The schema registry could not answer: connection refused, timeout, 5xx or 429.
 

@@ -27,6 +27,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from kfast.errors import ConfigError
+from kfast.runtime.kafka_log import kafka_logger_config
 
 __all__ = ["Source", "consumer_config", "FORCED_FALSE"]
 
@@ -77,7 +78,35 @@ def uses_consumer_protocol(conf: dict[str, Any]) -> bool:
 
 
 class Source:
-    """Owns the consumer; every method is called from the poll thread only."""
+    """Owns the consumer; every method is called from the poll thread only.
+
+    What the poll thread (:mod:`kfast.runtime.poll`) uses, and all another
+    consumer implementation has to provide:
+
+    * ``Source(kafka, topics, *, plan_settings, on_assign, on_revoke,
+      on_lost, on_error)``: builds the client from :func:`consumer_config`
+      (raises ``ConfigError`` when librdkafka rejects the settings);
+      librdkafka's log lines go to the ``kfast.kafka`` logger;
+    * ``subscribe()``; ``consume(n, timeout) -> list[Message]`` (the ring
+      reads the messages; the rebalance and error callbacks run inside it);
+    * ``assignment() -> list[TopicPartition]``, ``pause(tps)``,
+      ``resume(tps)``, ``seek(topic, partition, offset)``;
+    * ``commit([(topic, partition, next offset)], asynchronous=)`` (sync
+      commits raise ``KafkaException``) and ``take_commit_failures()`` (async
+      commits that failed since the last call);
+    * ``query_lag(timeout) -> int | None``: total lag of the assignment from
+      the broker (high watermark - committed), before statistics arrive;
+    * ``close()``;
+    * attributes: ``fatal`` (a fatal ``KafkaError`` or None),
+      ``stats_received``, ``lag`` (``{"topic[partition]": lag}``),
+      ``lag_total()``, ``brokers_up`` (a broker is UP per the last
+      statistics), ``async_commits_ok``, ``async_commits_failed``.
+
+    Callbacks: ``on_assign(partitions)`` may return start offsets
+    ``{(topic, partition): offset}`` (exactly-once sinks); ``on_revoke`` and
+    ``on_lost`` get the partitions; ``on_error(KafkaError)`` gets every
+    error event once (the poll thread logs it).
+    """
 
     def __init__(
         self,
@@ -88,8 +117,9 @@ class Source:
         on_assign: AssignCb,
         on_revoke: RebalanceCb,
         on_lost: RebalanceCb,
+        on_error: Callable[[KafkaError], None],
     ) -> None:
-        conf = consumer_config(kafka, plan_settings)
+        conf = kafka_logger_config(consumer_config(kafka, plan_settings), "consumer")
         self._user_stats_cb = conf.pop("stats_cb", None)
         self._user_on_commit = conf.pop("on_commit", None)
         self._user_error_cb = conf.pop("error_cb", None)
@@ -105,14 +135,15 @@ class Source:
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
+        self._on_error_cb = on_error
         self._lock = threading.Lock()
         self.lag: dict[str, int] = {}
         self.stats_received = 0
         self.commit_failures: list[tuple[str, int, int]] = []
         self.async_commits_ok = 0
         self.async_commits_failed = 0
-        self.errors: list[str] = []
         self.fatal: KafkaError | None = None
+        self.brokers_up = False
         try:
             self.consumer = Consumer(conf)
         except KafkaException as e:
@@ -172,6 +203,25 @@ class Source:
     def close(self) -> None:
         self.consumer.close()
 
+    def lag_total(self) -> int:
+        with self._lock:
+            return sum(v for v in self.lag.values() if v >= 0)
+
+    def query_lag(self, timeout: float) -> int | None:
+        """Total lag of the assignment asked from the broker; None if unknown."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return 0
+        committed = self.consumer.committed(assignment, timeout=timeout)
+        total = 0
+        for tp in committed:
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            if high < 0:
+                return None
+            # no committed offset yet: count the whole partition (auto.offset.reset=earliest)
+            total += max(0, high - tp.offset) if tp.offset >= 0 else max(0, high - low)
+        return total
+
     # ------------------------------------------------------------ callbacks
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         failed = [
@@ -208,9 +258,11 @@ class Source:
                     # consumer_lag = high watermark - committed offset (kfast
                     # commits explicit offsets and never uses the offset store).
                     lag[f"{tname}[{pid}]"] = int(p.get("consumer_lag", -1))
+            up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
             with self._lock:
                 self.lag = lag
                 self.stats_received += 1
+                self.brokers_up = up
         except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - defensive
             log.debug("cannot parse librdkafka statistics: %s", e)
         if self._user_stats_cb is not None:
@@ -219,9 +271,6 @@ class Source:
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.fatal = err
-        with self._lock:
-            self.errors.append(str(err))
-            del self.errors[:-20]
-        log.warning("kafka error: %s", err)
+        self._on_error_cb(err)
         if self._user_error_cb is not None:
             self._user_error_cb(err)

@@ -8,15 +8,15 @@ nothing here grows with the backlog.
   when ``keep_headers`` is set, its headers into the arena once; the caller
   drops the ``confluent_kafka.Message`` objects right after (a held message
   pins librdkafka's fetch buffer).
-* ``decode(decoder, start, count, batch)`` (worker thread) hands the decoder
+* ``decode(decoder, start, count, batch)`` (decoder thread) hands the decoder
   pointers straight into the arena through ``BaseDecoder.decode_spans``; the
   decoder releases the GIL while it parses, so polling continues meanwhile.
 * ``release(upto)`` (worker thread) frees slots in FIFO order once their batch
   is durable.
 
-Both threads call in with the GIL held; only ``decode_spans`` runs without it
-and it reads only slots that ``release`` has not freed, while ``push`` writes
-only free space. That is the whole synchronisation.
+The three threads call in with the GIL held; only ``decode_spans`` runs
+without it and it reads only slots that ``release`` has not freed, while
+``push`` writes only free space. That is the whole synchronisation.
 
 Per partition the ring keeps the next offset it expects. A message below it
 is a refetched duplicate and is dropped; a message that does not fit puts the
