@@ -11,13 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 from kfast._version import __version__ as __version__
 from kfast.errors import (
+    CircuitBreakerOpen,
     ConfigError,
+    DeadLetterUnavailable,
     DecodeError,
+    EncodeError,
     KfastError,
     PermanentSinkError,
     RetryExhausted,
     SinkError,
+    Stopped,
     TransientSinkError,
+    UnknownSchemaId,
 )
 from kfast.row_error import RowError
 
@@ -38,14 +43,19 @@ _LAZY = {
 }
 
 __all__ = [
+    "CircuitBreakerOpen",
     "ConfigError",
+    "DeadLetterUnavailable",
     "DecodeError",
+    "EncodeError",
     "KfastError",
     "PermanentSinkError",
     "RetryExhausted",
     "RowError",
     "SinkError",
+    "Stopped",
     "TransientSinkError",
+    "UnknownSchemaId",
     *_LAZY,
 ]
 

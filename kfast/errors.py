@@ -15,6 +15,24 @@ class DecodeError(KfastError):
     """A payload or schema could not be decoded."""
 
 
+class UnknownSchemaId(DecodeError, LookupError):
+    """The schema registry does not know a schema id (bad data, never retried)."""
+
+
+class EncodeError(KfastError, ValueError):
+    """A value of row ``row`` (plan field ``field``) cannot be encoded for the sink.
+
+    Raised by the PostgreSQL COPY encoder; ``PostgresSink.write`` turns it into a
+    ``PermanentSinkError`` naming the row and column.
+    """
+
+    def __init__(self, row: int, field: int, reason: str) -> None:
+        super().__init__(f"row {row}, field {field}: {reason}")
+        self.row = row
+        self.field = field
+        self.reason = reason
+
+
 class SinkError(KfastError):
     """A sink failed to write a batch.
 
@@ -54,6 +72,18 @@ class RetryExhausted(KfastError):
         super().__init__(message)
         self.attempts = attempts
         self.last_error = last_error
+
+
+class Stopped(RetryExhausted):
+    """The stop event was set while waiting to retry."""
+
+
+class DeadLetterUnavailable(TransientSinkError):
+    """The DLQ producer could not get delivery confirmations (retried under the policy)."""
+
+
+class CircuitBreakerOpen(KfastError):
+    """Too large a share of recent messages went to the DLQ: stop, do not drain the topic."""
 
 
 class StartupTimeout(KfastError):

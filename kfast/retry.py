@@ -21,15 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kfast.errors import ConfigError, RetryExhausted, TransientSinkError
+from kfast.errors import ConfigError, RetryExhausted, Stopped, TransientSinkError
 
 __all__ = ["RetryPolicy", "Retrier", "Stopped"]
 
 T = TypeVar("T")
-
-
-class Stopped(RetryExhausted):
-    """The stop event was set while waiting to retry."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``kfast`` command line.
 
     kfast run pipeline.toml [--plan] [--log-level INFO]
-    kfast replay DLQ_TOPIC ...          (see kfast.dlq.replay_main)
+    kfast replay DLQ_TOPIC ...          (see kfast.cli.replay)
 
 The TOML file's fields are described in :mod:`kfast.cli.config`.
 """
@@ -37,9 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``kfast``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "replay":
-        from kfast.dlq import replay_main
+        from kfast.cli import replay
 
-        return int(replay_main(args[1:]))
+        return int(replay.main(args[1:]))
     parser = argparse.ArgumentParser(prog="kfast", description="kfast: bounded Kafka pipelines")
     parser.add_argument("--version", action="version", version=f"kfast {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -5,10 +5,26 @@ runtime calls it from its single delivery thread, one batch at a time:
 
 * ``open(info)`` (optional) once before the first write;
 * ``write(batch)`` returns only when every row of ``batch`` is durable, or
-  raises :class:`kfast.TransientSinkError` (retrying may succeed),
-  :class:`kfast.PermanentSinkError` (these rows cannot be written; the
-  delivery layer bisects them) or :class:`kfast.ConfigError` (stop);
+  raises (the error contract, applied by :class:`SinkHooks` to every sink):
+
+  - :class:`kfast.TransientSinkError`, or ``OSError`` (which includes
+    ``ConnectionError`` and ``TimeoutError``): retried under the
+    ``RetryPolicy``;
+  - :class:`kfast.ConfigError` (or any other :class:`kfast.KfastError`):
+    the pipeline stops without committing the batch;
+  - :class:`kfast.PermanentSinkError` or any other exception: these rows
+    cannot be written; the delivery layer isolates the bad rows (bisection)
+    and dead-letters them when a DeadLetterPolicy is set, else stops.
+
+  A ``write`` that returns an awaitable (an ``async def`` method where a
+  plain one is expected) is a programming error: the coroutine is closed and
+  the pipeline stops with a ``ConfigError``, committing nothing;
 * ``close()`` once at shutdown.
+
+Optional hooks (declared in :class:`Sink` with their defaults; a sink that
+subclasses ``Sink`` inherits them, any other object gets them from
+:class:`SinkHooks`): ``open``, ``close``, ``stores_offsets``,
+``stored_offsets`` and ``row_transaction``.
 
 Before delivery the runtime sets ``batch.context`` to a :class:`BatchContext`
 that maps rows back to the Kafka messages they came from
@@ -18,10 +34,13 @@ errors) through a :class:`RecordSource`.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from kfast.errors import ConfigError, KfastError, PermanentSinkError, TransientSinkError
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfast._batch import Batch
@@ -34,6 +53,7 @@ __all__ = [
     "PipelineInfo",
     "RecordSource",
     "Sink",
+    "SinkHooks",
 ]
 
 
@@ -79,13 +99,109 @@ class BatchContext:
 
 @runtime_checkable
 class Sink(Protocol):
-    """Protocol every sink follows. ``open(info)`` is optional."""
+    """Protocol every sink follows: ``write`` is required, every other hook is optional.
 
-    def write(self, batch: Batch) -> None: ...
-    def close(self) -> None: ...
+    The bodies below are the defaults: a sink class that subclasses ``Sink`` inherits
+    them, and :class:`SinkHooks` supplies the same ones for a sink that does not.
+    """
+
+    def write(self, batch: Batch) -> None:
+        """Make every row of ``batch`` durable before returning (see the module doc)."""
+        raise NotImplementedError
+
+    def open(self, pipeline_info: PipelineInfo) -> None:
+        """Called once before the first write (connect, check the target)."""
+
+    def close(self) -> None:
+        """Called once at shutdown."""
+
+    @property
+    def stores_offsets(self) -> bool:
+        """True when ``write`` stores ``batch.context.next_offsets`` with the rows (the
+        runtime then seeks to :meth:`stored_offsets` on assignment)."""
+        return False
+
+    def stored_offsets(self, group_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        """``{(topic, partition): next_offset}`` stored by the sink (when ``stores_offsets``)."""
+        return {}
+
+    def row_transaction(self, batch: Batch) -> Any:
+        """A transaction in which the delivery layer isolates ``batch``'s bad rows (see
+        ``kfast.sinks.postgres.RowTransaction``), or None: slice by slice instead."""
+        return None
 
 
-class CallableSink:
+_TRANSIENT = (TransientSinkError, OSError)
+
+
+class SinkHooks:
+    """Any sink object with every optional hook of :class:`Sink` filled in, and the sink
+    error contract (see the module doc) applied to ``write``. The runtime and the delivery
+    layer call the sink only through it."""
+
+    def __init__(self, sink: Any) -> None:
+        write = getattr(sink, "write", None)
+        if not callable(write):
+            raise ConfigError(
+                f"sink {sink!r} has no write(batch) method (see kfast.sinks.Sink, or wrap a "
+                "function in kfast.CallableSink)"
+            )
+        self.sink = sink
+        self._write = write
+        self._open = getattr(sink, "open", None)
+        self._close = getattr(sink, "close", None)
+        self._stored = getattr(sink, "stored_offsets", None)
+        self._txn = getattr(sink, "row_transaction", None)
+
+    @property
+    def stores_offsets(self) -> bool:
+        return bool(getattr(self.sink, "stores_offsets", False))
+
+    @property
+    def has_row_transaction(self) -> bool:
+        return callable(self._txn)
+
+    def open(self, pipeline_info: PipelineInfo) -> None:
+        if callable(self._open):
+            self._open(pipeline_info)
+
+    def close(self) -> None:
+        if callable(self._close):
+            self._close()
+
+    def stored_offsets(self, group_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        if not callable(self._stored):
+            return {}
+        return dict(self._stored(group_id, topics))
+
+    def row_transaction(self, batch: Batch) -> Any:
+        return self._txn(batch) if callable(self._txn) else None
+
+    def write(self, batch: Batch) -> None:
+        """``sink.write(batch)`` under the error contract: transient errors become
+        :class:`kfast.TransientSinkError`, other non-kfast ones :class:`kfast.PermanentSinkError`
+        (the original is the ``__cause__``), an awaitable result a ``ConfigError``."""
+        try:
+            result = self._write(batch)
+        except KfastError:
+            raise
+        except _TRANSIENT as exc:
+            raise TransientSinkError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise PermanentSinkError(f"{type(exc).__name__}: {exc}") from exc
+        if result is not None and inspect.isawaitable(result):
+            close = getattr(result, "close", None)
+            if callable(close):
+                close()  # never awaited: no "coroutine was never awaited" warning either
+            raise ConfigError(
+                f"{self.sink!r}.write returned an awaitable ({type(result).__name__}) instead of "
+                "writing the rows: a plain write must return only once the rows are durable "
+                "(declare the sink's method itself as 'async def write' to have it awaited); "
+                "nothing of this batch was committed"
+            )
+
+
+class CallableSink(Sink):
     """Wraps ``fn(batch)``; ``fn`` must return only when the rows are durable."""
 
     def __init__(
@@ -116,7 +232,7 @@ class CallableSink:
         return f"CallableSink({self._fn!r})"
 
 
-class NullSink:
+class NullSink(Sink):
     """Discards rows and counts them (benchmarks, dry runs)."""
 
     def __init__(self) -> None:

@@ -4,15 +4,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kfast._batch import Batch
+from kfast.errors import EncodeError as EncodeError
 
 OPS: dict[str, int]
 KIND_NAMES: dict[int, str]
-
-class EncodeError(ValueError):
-    row: int
-    field: int
-    reason: str
-    def __init__(self, row: int, field: int, reason: str) -> None: ...
 
 class CopyEncoder:
     max_col: int

@@ -28,6 +28,8 @@ from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, strtod
 from libc.string cimport memcpy, memset
 
+from kfast.errors import EncodeError  # a KfastError; re-exported here
+
 from kfast._batch cimport Batch
 from kfast._columns cimport (
     COL_BINARY,
@@ -649,7 +651,7 @@ cdef class CopyEncoder:
     """Encodes rows of Batches with one fixed layout into binary COPY data.
 
     ``plan`` is a sequence of dicts, one per output column, in COPY column
-    order (see :func:`kfast.sinks.postgres.build_plan`). The encoder owns a
+    order (see :func:`kfast.sinks.postgres.plan.build_plan`). The encoder owns a
     growable output buffer; ``encode`` appends to it and the caller hands the
     bytes to psycopg (``memoryview(encoder)``) then calls ``clear()``.
     """
@@ -929,16 +931,6 @@ cdef class CopyEncoder:
             ST_BAD_SHAPE: "malformed list/map offsets",
         }.get(rc, f"status {rc}")
         raise EncodeError(err_row, k, reason)
-
-
-class EncodeError(ValueError):
-    """A value of row ``row`` (plan field ``field``) cannot be encoded."""
-
-    def __init__(self, row, field, reason):
-        super().__init__(f"row {row}, field {field}: {reason}")
-        self.row = row
-        self.field = field
-        self.reason = reason
 
 
 def pre_values(Batch batch, object node, Py_ssize_t start, Py_ssize_t stop):

@@ -11,8 +11,9 @@ import psycopg
 import pytest
 from _sink_helpers import ORDER_SCHEMA, avro_payloads, consume_all, make_batch
 
+from kfast.cli.replay import main as replay_main
 from kfast.delivery import Delivery, DeliveryMetrics
-from kfast.dlq import CircuitBreakerOpen, DeadLetterPolicy, replay_main
+from kfast.dlq import CircuitBreakerOpen, DeadLetterPolicy
 from kfast.errors import DecodeError, PermanentSinkError, RetryExhausted
 from kfast.retry import RetryPolicy
 from kfast.sinks import CallableSink

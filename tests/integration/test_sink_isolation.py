@@ -1,7 +1,7 @@
 """Bad rows isolated in one PostgreSQL transaction (``PostgresSink.row_transaction``).
 
 Delivery probes for the rows that fail on their own, writes the rest in one COPY, confirms
-each found row alone and commits once (see ``kfast.delivery._Isolation``). These tests pin
+each found row alone and commits once (see ``kfast.delivery.isolation.Isolation``). These tests pin
 the outcome (every good row in the table exactly once, every bad row dead-lettered once
 with its headers and offsets) and the number of COPYs for k bad rows.
 """
@@ -382,7 +382,7 @@ def test_probes_use_the_table_without_temp_privilege(pg_server: Any, pg_dsn: str
     d.deliver(
         make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, _orders(n, bad))), threading.Event()
     )
-    assert False in sink._probe_tables.values()  # it tried, and fell back to the table
+    assert False in sink._conns.probe_tables.values()  # it tried, and fell back to the table
     assert _ids(admin, "iso_notemp") == [i for i in range(n) if i not in bad]
     _check_dead(queue, bad, cls=b"CheckViolation")
     k = len(bad)
@@ -553,8 +553,8 @@ def test_probe_table_dropped_under_the_sink(pg_dsn: str) -> None:
         make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, _orders(100, {5, 50}))),
         threading.Event(),
     )
-    conn = sink._connect(0)
-    assert sink._probe_tables == {id(conn): True}
+    conn = sink._conns.get(0)
+    assert sink._conns.probe_tables == {id(conn): True}
     conn.execute("DROP TABLE pg_temp.kfast_probe")
     conn.commit()
     batch = make_batch(
@@ -564,7 +564,7 @@ def test_probe_table_dropped_under_the_sink(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         c.execute(f'TRUNCATE "{table}"')
     d2.deliver(batch, threading.Event())
-    assert sink._probe_tables == {id(conn): False}  # probes went to the table itself
+    assert sink._conns.probe_tables == {id(conn): False}  # probes went to the table itself
     assert _ids(pg_dsn, table) == [i for i in range(100) if i not in {20, 70}]
     _check_dead(queue2, {20, 70}, base=100, cls=b"CheckViolation")
     sink.close()
@@ -596,8 +596,8 @@ def test_stale_probe_table_is_made_again(pg_dsn: str) -> None:
     assert _ids(pg_dsn, table) == [i for i in range(100) if i != 5]
     _check_dead(queue2, {5}, base=100, cls=b"CheckViolation")
     assert d2.metrics.snapshot()["bisections"] >= 1  # given up, then slice by slice
-    conn = sink._connect(0)
-    assert id(conn) not in sink._probe_tables  # made again by the next row transaction
+    conn = sink._conns.get(0)
+    assert id(conn) not in sink._conns.probe_tables  # made again by the next row transaction
     d3, queue3 = _delivery(sink)
     recs = _orders(50, set(), list(range(1000, 1050)))
     recs[7]["qty"] = -2
@@ -605,7 +605,7 @@ def test_stale_probe_table_is_made_again(pg_dsn: str) -> None:
         make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, recs), base_offset=200),
         threading.Event(),
     )
-    assert sink._probe_tables == {id(conn): True}
+    assert sink._conns.probe_tables == {id(conn): True}
     _check_dead(queue3, {7}, base=200, cls=b"CheckViolation")
     assert len(sink.txns) == 3 and d3.metrics.snapshot()["bisections"] == 0
     sink.close()

@@ -65,6 +65,6 @@ def test_permanent_error_row_is_optional() -> None:
     ],
 )
 def test_clip_to_fenced_ranges(ranges: Any, allowed: Any, want: Any) -> None:
-    from kfast.sinks.postgres import _clip
+    from kfast.sinks.postgres.exactly_once import clip as _clip
 
     assert _clip(ranges, allowed) == want

@@ -1,0 +1,153 @@
+"""The dead letters of one batch: built, handed to the DLQ producer, confirmed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kfast.delivery.metrics import DeliveryMetrics
+from kfast.dlq import BatchCheck, DeadLetter, DeadLetterQueue, dlq_headers
+from kfast.errors import KfastError, PermanentSinkError, SinkError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfast._batch import Batch
+    from kfast.sinks import BatchContext
+
+__all__ = ["Letters", "error_class"]
+
+log = logging.getLogger("kfast.delivery")
+
+
+def error_class(exc: BaseException) -> str:
+    """The class name a dead letter reports: the underlying driver error when there is one."""
+    cause = exc.__cause__
+    if cause is not None and not isinstance(cause, SinkError):
+        return type(cause).__name__
+    return type(exc).__name__
+
+
+class Letters:
+    """Dead letters of one batch.
+
+    ``pending``: built, not yet handed to the producer; ``produced``: handed over, not yet
+    confirmed; ``dead_inputs``: input indices dead-lettered. ``check`` (the circuit
+    breaker's :class:`BatchCheck` of the batch) trips as soon as the dead letters found so
+    far are enough.
+    """
+
+    def __init__(
+        self,
+        batch: Batch,
+        queue: DeadLetterQueue | None,
+        metrics: DeliveryMetrics,
+        check: BatchCheck | None,
+        clock: Callable[[], float],
+        stop: threading.Event,
+    ) -> None:
+        self.batch = batch
+        self.ctx: BatchContext | None = getattr(batch, "context", None)
+        self.queue = queue
+        self.metrics = metrics
+        self.check = check
+        self.clock = clock
+        self.stop = stop
+        self.first_failure: float | None = None
+        self.pending: list[DeadLetter] = []
+        self.produced: list[DeadLetter] = []
+        self.dead_inputs: list[int] = []
+
+    def failed(self, exc: PermanentSinkError, start: int, stop: int) -> None:
+        """Bookkeeping of a permanent write failure; raises without a DeadLetterPolicy."""
+        self.metrics.add("sink_errors")
+        if self.first_failure is None:
+            self.first_failure = self.clock()
+        if self.queue is None:
+            raise PermanentSinkError(
+                f"rows [{start}, {stop}) of the batch cannot be written ({exc}) and no "
+                "DeadLetterPolicy is configured",
+                sqlstate=exc.sqlstate,
+            ) from exc
+
+    def produce(self) -> None:
+        """Hand the pending dead letters to the DLQ producer (delivery reports come later)."""
+        if self.pending:
+            assert self.queue is not None
+            self.queue.produce(self.pending)
+            self.produced.extend(self.pending)
+            self.pending = []
+
+    def confirm(self) -> None:
+        """Return when every dead letter so far is acknowledged by the DLQ broker."""
+        self.produce()
+        if self.produced:
+            assert self.queue is not None
+            self.queue.confirm(self.stop)
+            for rec in self.produced:
+                self.metrics.dead(rec.stage, rec.error_class)
+            self.produced = []
+
+    def _records(self) -> Any:
+        if self.ctx is None:
+            raise KfastError(
+                "batch.context is not set: the delivery layer needs it to dead-letter records "
+                "(kfast.Pipeline sets it; tests set a kfast.sinks.BatchContext)"
+            )
+        return self.ctx.records
+
+    def dead(
+        self,
+        index: int,
+        stage: str,
+        cls: str,
+        message: str,
+        attempts: int,
+        sqlstate: str | None,
+        note: bool = True,
+    ) -> None:
+        """Build the dead letter of input ``index``. ``note``: count it in the breaker's
+        check first, which raises ``CircuitBreakerOpen`` (the letter is not built) when the
+        batch is already certain to trip the breaker."""
+        if note and self.check is not None and self.check.add(index):
+            assert self.check.error is not None
+            raise self.check.error
+        recs = self._records()
+        schema_id = None
+        get_sid = getattr(recs, "schema_id", None)
+        if callable(get_sid):
+            try:
+                schema_id = get_sid(index)
+            except Exception as exc:
+                # a decoder's schema_id_of (user code) must not stop dead-lettering:
+                # the letter goes out without the optional header
+                log.warning("schema_id_of failed, kfast.schema.id left out: %r", exc)
+        assert self.first_failure is not None
+        headers = dlq_headers(
+            stage=stage,
+            error_class=cls,
+            message=message,
+            topic=recs.topic(index),
+            partition=recs.partition(index),
+            offset=recs.offset(index),
+            timestamp=recs.timestamp(index),
+            attempts=attempts,
+            first_failure=self.first_failure,
+            schema_id=schema_id,
+            sqlstate=sqlstate,
+            original=recs.headers(index),
+        )
+        self.pending.append(DeadLetter(recs.key(index), recs.value(index), headers, stage, cls))
+        self.dead_inputs.append(index)
+
+    def dead_row(self, row: int, exc: PermanentSinkError, attempts: int, note: bool = True) -> None:
+        """The dead letter of batch row ``row`` (stage ``sink``)."""
+        src = memoryview(self.batch.source_indices)[row]
+        self.dead(src, "sink", error_class(exc), str(exc), attempts, exc.sqlstate, note)
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.pending), len(self.dead_inputs)
+
+    def undo(self, mark: tuple[int, int]) -> None:
+        """Forget the letters built since ``mark`` (a rolled back transaction)."""
+        del self.pending[mark[0] :], self.dead_inputs[mark[1] :]
