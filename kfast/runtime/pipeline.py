@@ -60,6 +60,9 @@ __all__ = ["Pipeline"]
 
 log = logging.getLogger("kfast.runtime.pipeline")
 
+# Kafka consumers a pipeline can run on (``source=``)
+SOURCES = ("confluent", "compiled")
+
 
 def _rss_bytes() -> int:
     try:
@@ -77,6 +80,10 @@ class Pipeline:
     every buffer; ``memory_limit`` is split by :func:`kfast.runtime.memory.plan_memory`
     (``memory_plan()`` shows the split). ``startup_timeout`` (seconds) makes
     ``start()`` wait until the pipeline is ready and fail if it is not by then.
+    ``source`` picks the Kafka consumer: ``"confluent"`` (confluent-kafka's
+    ``Consumer``) or ``"compiled"`` (kfast's librdkafka consumer, which copies
+    messages into the ring without a Python object per message; see
+    :mod:`kfast.runtime.kafka`). Both behave the same otherwise.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class Pipeline:
         metrics_port: int | None = None,
         install_signal_handlers: bool = True,
         startup_timeout: float | str | None = None,
+        source: str = "confluent",
     ) -> None:
         from kfast._batch import BaseDecoder
 
@@ -190,6 +198,14 @@ class Pipeline:
         self.dlq = dlq
         self.group_id = str(kafka["group.id"])
         self._poll_batch = poll_batch
+        if source not in SOURCES:
+            raise ConfigError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
+        if source == "compiled":
+            from kfast.runtime.kafka import available
+
+            if not available():
+                raise ConfigError("source='compiled': no usable librdkafka found")
+        self.source = source
         self._metrics_port = metrics_port
         self._install_signals = install_signal_handlers
         self._plan = plan_memory(
@@ -429,7 +445,10 @@ class Pipeline:
             drain_timeout=self._drain_timeout,
             revoke_timeout=self._revoke_timeout,
         )
-        self._source = poll.source = Source(
+        source_cls: Any = Source
+        if self.source == "compiled":
+            from kfast.runtime.kafka import CompiledSource as source_cls
+        self._source = poll.source = source_cls(
             self.kafka,
             self.topics,
             plan_settings=plan.kafka_settings(),

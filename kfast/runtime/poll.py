@@ -126,18 +126,16 @@ class PollLoop:
                 raise KafkaException(src.fatal)
             free = ring.capacity_messages - ring.used_messages
             t0 = time.perf_counter()
-            msgs = src.consume(max(1, min(poll_batch, free)), self.poll_timeout)
+            stored = src.consume_into(ring, max(1, min(poll_batch, free)), self.poll_timeout)
             with stats.lock:
                 latency_poll.add(time.perf_counter() - t0)
                 stats.consume_calls += 1
-            if msgs:
-                if ring.push(msgs):
-                    ch.new_messages.set()
-                    if self.health.broker_reachable is not True:
-                        self._broker_back()
-                del msgs
-                if ring.errors:
-                    self._consume_errors()
+            if stored:
+                ch.new_messages.set()
+                if self.health.broker_reachable is not True:
+                    self._broker_back()
+            if ring.errors:
+                self._consume_errors()
             if self._assignment_changed:
                 self._assignment_changed = False
                 if self.paused:

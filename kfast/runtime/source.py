@@ -87,8 +87,10 @@ class Source:
       on_lost, on_error)``: builds the client from :func:`consumer_config`
       (raises ``ConfigError`` when librdkafka rejects the settings);
       librdkafka's log lines go to the ``kfast.kafka`` logger;
-    * ``subscribe()``; ``consume(n, timeout) -> list[Message]`` (the ring
-      reads the messages; the rebalance and error callbacks run inside it);
+    * ``subscribe()``; ``consume_into(ring, n, timeout) -> int`` (stores up
+      to ``n`` messages in the ring, returns how many; the rebalance and error
+      callbacks run inside it); ``consume(n, timeout)`` (the drain: serves
+      the group, what it returns is not stored);
     * ``assignment() -> list[TopicPartition]``, ``pause(tps)``,
       ``resume(tps)``, ``seek(topic, partition, offset)``;
     * ``commit([(topic, partition, next offset)], asynchronous=)`` (sync
@@ -177,6 +179,14 @@ class Source:
 
     def consume(self, num_messages: int, timeout: float) -> list[Message]:
         return self.consumer.consume(num_messages=num_messages, timeout=timeout)
+
+    def consume_into(self, ring: Any, num_messages: int, timeout: float) -> int:
+        """``consume()`` then ``ring.push()``; returns how many messages the ring stored
+        (error messages land in ``ring.errors``). The messages are dropped on return:
+        a held message pins librdkafka's fetch buffer."""
+        msgs = self.consumer.consume(num_messages=num_messages, timeout=timeout)
+        stored: int = ring.push(msgs) if msgs else 0
+        return stored
 
     def assignment(self) -> list[TopicPartition]:
         return self.consumer.assignment()

@@ -1,0 +1,157 @@
+"""Both Kafka sources (confluent-kafka's ``Source`` and the compiled one) against
+the real broker: the same topic yields the same messages in the ring."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+from runtime_util import SCHEMA
+
+import kfast
+from kfast._batch import Batch
+from kfast.runtime.kafka import CompiledSource
+from kfast.runtime.ring import Ring
+from kfast.runtime.source import Source
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+N = 3000
+
+
+def _messages() -> tuple[list[Any], list[Any], list[Any]]:
+    """Values, keys and headers covering every shape a message can have."""
+    values: list[Any] = []
+    keys: list[Any] = []
+    headers: list[Any] = []
+    for i in range(N):
+        r = i % 11
+        values.append(None if r == 3 else b"" if r == 5 else (b"v%d-" % i) * (1 + i % 300))
+        keys.append(None if r in (1, 3) else b"" if r == 4 else b"k%d" % i)
+        if r == 2:
+            headers.append([("a", b"1"), ("b", None), ("a", b"dup"), ("\u00e9t\u00e9", b"")])
+        elif r == 6:
+            headers.append([("big", b"h" * 5000)])
+        else:
+            headers.append(None)
+    return values, keys, headers
+
+
+class _Hooks:
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self.errors: list[Any] = []
+
+    def assign(self, parts: list[TopicPartition]) -> None:
+        for tp in parts:
+            self.ring.assign(tp.topic, tp.partition)
+
+    def revoke(self, parts: list[TopicPartition]) -> None:
+        for tp in parts:
+            self.ring.revoke(tp.topic, tp.partition)
+
+
+def _read_all(kind: str, conf: dict[str, Any], topic: str, total: int) -> tuple[dict, dict]:
+    """Consume ``topic`` into a ring with one source; return rows per partition and stats."""
+    ring = Ring(100_000, 64 << 20, keep_headers=True)
+    hooks = _Hooks(ring)
+    cls = CompiledSource if kind == "compiled" else Source
+    src: Any = cls(
+        conf,
+        [topic],
+        on_assign=hooks.assign,
+        on_revoke=hooks.revoke,
+        on_lost=hooks.revoke,
+        on_error=hooks.errors.append,
+    )
+    try:
+        src.subscribe()
+        deadline = time.monotonic() + 60
+        while ring.head < total:
+            assert time.monotonic() < deadline, f"{kind}: {ring.head} of {total} messages"
+            if kind == "compiled":
+                src.consume_into(ring, 500, 0.2)
+            else:
+                msgs = src.consume(500, 0.2)
+                if msgs:
+                    ring.push(msgs)
+        assert not ring.errors
+        view = ring.decode(kfast.AvroDecoder(SCHEMA), ring.tail, ring.head - ring.tail, Batch())
+        rows: dict[tuple[str, int], list[Any]] = collections.defaultdict(list)
+        for i in range(len(view)):
+            rows[(view.topic(i), view.partition(i))].append(
+                (view.offset(i), view.key(i), view.value(i), view.headers(i), view.timestamp(i))
+            )
+        stats = ring.stats()
+        stats.pop("used_bytes")
+        return dict(rows), stats
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_both_sources_fill_the_ring_identically(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group, protocol
+):
+    kafka_broker.create_topic(unique_topic, partitions=PARTITIONS)
+    values, keys, headers = _messages()
+    for p in range(PARTITIONS):
+        sel = range(p, N, PARTITIONS)
+        kafka_broker.produce(
+            unique_topic,
+            [values[i] for i in sel],
+            keys=[keys[i] for i in sel],
+            headers=[headers[i] for i in sel],
+            partition=p,
+        )
+    extra = {"group.protocol": protocol} if protocol == "consumer" else {}
+    results = {}
+    for kind in ("confluent", "compiled"):
+        conf = kafka_consumer_config(f"{unique_group}-{kind}", **extra)
+        results[kind] = _read_all(kind, conf, unique_topic, N)
+    rows_c, stats_c = results["confluent"]
+    rows_k, stats_k = results["compiled"]
+    assert sorted(rows_k) == sorted(rows_c) == [(unique_topic, p) for p in range(PARTITIONS)]
+    for tp in rows_c:
+        assert rows_k[tp] == rows_c[tp], f"{tp} differs"
+    assert stats_k == stats_c
+    # the data really has every shape: tombstones, empty and absent keys, headers
+    assert stats_c["tombstones"] == sum(v is None for v in values)
+    flat = [r for rs in rows_c.values() for r in rs]
+    assert any(r[1] is None for r in flat) and any(r[1] == b"" for r in flat)
+    assert any(r[2] == b"" for r in flat)
+    assert any(r[3] and ("b", None) in r[3] for r in flat)
+    assert all(r[4] > 0 for r in flat)
+
+
+def test_compiled_source_routes_librdkafka_logs_to_logging(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group, caplog
+):
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    ring = Ring(1000, 1 << 20)
+    hooks = _Hooks(ring)
+    conf = kafka_consumer_config(unique_group, debug="cgrp")
+    src = CompiledSource(
+        conf,
+        [unique_topic],
+        on_assign=hooks.assign,
+        on_revoke=hooks.revoke,
+        on_lost=hooks.revoke,
+        on_error=hooks.errors.append,
+    )
+    with caplog.at_level(logging.DEBUG, logger="kfast.kafka"):
+        try:
+            src.subscribe()
+            deadline = time.monotonic() + 30
+            while not src.assignment() and time.monotonic() < deadline:
+                src.consume_into(ring, 100, 0.2)
+        finally:
+            src.close()
+    lines = [r for r in caplog.records if r.name == "kfast.kafka"]
+    assert lines, "no librdkafka log line reached logging"
+    assert any("CGRP" in r.getMessage() for r in lines)
