@@ -48,6 +48,9 @@ def extensions() -> list:
                 extra_compile_args=compile_args,
                 extra_link_args=link_args,
                 define_macros=macros,
+                # the compiled Kafka consumer dlopens librdkafka (dlopen is in
+                # libdl before glibc 2.34, e.g. on manylinux2014)
+                libraries=["dl"] if name == "kfast.runtime.kafka._consumer" else [],
             )
         )
     return exts
