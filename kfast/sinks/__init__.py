@@ -28,7 +28,7 @@ subclasses ``Sink`` inherits them, any other object gets them from
 
 Before delivery the runtime sets ``batch.context`` to a :class:`BatchContext`
 that maps rows back to the Kafka messages they came from
-(``batch.source_index[row]`` for good rows, ``RowError.index`` for decode
+(``batch.source_indices[row]`` for good rows, ``RowError.index`` for decode
 errors) through a :class:`RecordSource`.
 """
 
