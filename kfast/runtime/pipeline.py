@@ -658,7 +658,7 @@ class Pipeline:
         if self._ch.stop.is_set():
             # Second signal: leave at once. Nothing that is not durable was
             # committed, so the next run re-reads it (at-least-once).
-            log.warning("signal %d again: exiting without draining", signum)
+            log.warning("second signal (%d): exiting without draining", signum)
             os._exit(128 + signum)
         log.info("signal %d: draining (send again to exit at once)", signum)
         self.stop()

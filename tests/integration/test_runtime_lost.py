@@ -331,7 +331,7 @@ def test_session_expiry_loses_partitions_without_committing_them(
     # A noticed the loss (librdkafka's lost callback, not a revoke)
     assert ma["rebalances"]["lost"] >= 1
     assert ma["rebalances"]["revoked"] == 0  # a revoke would have committed
-    assert "kfast.runtime.pipeline lost " in a.stderr()
+    assert "kfast.runtime.poll lost " in a.stderr()
     assert mb["rebalances"]["lost"] == 0
     # A committed nothing for the lost partitions: no successful commit below what B had
     # committed before A woke up, and the committed offsets never went backwards
