@@ -7,6 +7,7 @@ Switches (environment variables):
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -25,7 +26,10 @@ def extensions() -> list:
     # Portable code only: no -march/-mtune here, so a wheel runs on any CPU of its platform
     # tag (x86-64 baseline, SSE2). The interpreter's own CFLAGS (sysconfig) are the base and
     # carry none either (checked by `make dist`, docs/install.md).
-    compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+    if sys.platform == "win32":  # MSVC (the release workflow's Windows wheels)
+        compile_args = ["/Od", "/Zi"] if DEBUG else ["/O2"]
+    else:
+        compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
     link_args = []
     macros = []
     if DEBUG:
@@ -89,5 +93,6 @@ class ParallelBuildExt(build_ext):
         for ext in self.extensions:
             ext.sources = by_name[ext.name].sources
         super().run()
+
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": ParallelBuildExt})
