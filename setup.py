@@ -20,6 +20,8 @@ ASAN = os.environ.get("KFAST_ASAN") == "1"
 # Comma-separated path prefixes: build only matching extensions (fast
 # iteration on one module, e.g. KFAST_ONLY=kfast/avro).
 ONLY = [p for p in os.environ.get("KFAST_ONLY", "").split(",") if p]
+# the extension that dlopens librdkafka (kfast/runtime/kafka/_consumer.pyx)
+_DLOPEN_EXT = "kfast.runtime.kafka._consumer"
 
 
 def extensions() -> list:
@@ -53,8 +55,8 @@ def extensions() -> list:
                 extra_link_args=link_args,
                 define_macros=macros,
                 # the compiled Kafka consumer dlopens librdkafka (dlopen is in
-                # libdl before glibc 2.34, e.g. on manylinux2014)
-                libraries=["dl"] if name == "kfast.runtime.kafka._consumer" else [],
+                # libdl before glibc 2.34, e.g. on manylinux2014; unused on Windows)
+                libraries=["dl"] if name == _DLOPEN_EXT and os.name == "posix" else [],
             )
         )
     return exts

@@ -22,13 +22,32 @@ from libc.string cimport memcpy, strlen
 from kfast.runtime.kafka._rdkafka cimport *
 from kfast.runtime.ring._ring cimport ring_lookup, ring_store
 
-cdef extern from "<dlfcn.h>" nogil:
-    void* dlopen(const char* filename, int flag)
-    void* dlsym(void* handle, const char* symbol)
-    char* dlerror()
-    int RTLD_NOW
-    int RTLD_LOCAL
-    int RTLD_NOLOAD
+cdef extern from *:
+    """
+    #ifdef _WIN32
+    /* Not supported on Windows (the confluent source is used there). */
+    #define KFAST_HAVE_DLOPEN 0
+    static void* kfast_dlopen(const char* path, int noload) { return NULL; }
+    static void* kfast_dlsym(void* h, const char* name) { return NULL; }
+    static const char* kfast_dlerror(void) { return "not supported on Windows"; }
+    #else
+    #include <dlfcn.h>
+    #define KFAST_HAVE_DLOPEN 1
+    static void* kfast_dlopen(const char* path, int noload) {
+        /* RTLD_NOLOAD: only a library already in the process (confluent-kafka's) */
+        return dlopen(path, noload ? (RTLD_NOW | RTLD_NOLOAD) : (RTLD_NOW | RTLD_LOCAL));
+    }
+    static void* kfast_dlsym(void* h, const char* name) { return dlsym(h, name); }
+    static const char* kfast_dlerror(void) {
+        const char* e = dlerror();
+        return e ? e : "unknown error";
+    }
+    #endif
+    """
+    int KFAST_HAVE_DLOPEN
+    void* kfast_dlopen(const char* path, int noload) nogil
+    void* kfast_dlsym(void* h, const char* name) nogil
+    const char* kfast_dlerror() nogil
 
 cdef RdKafkaAPI api
 cdef bint _loaded = False
@@ -86,6 +105,8 @@ def load(path=None):
     """
     global _loaded, _path
     import os
+    if not KFAST_HAVE_DLOPEN:
+        raise ImportError("kfast's compiled consumer is not supported on this platform")
     if _loaded:
         if path is not None and path != _path:
             raise ImportError(f"librdkafka is already loaded from {_path}; cannot switch to {path}")
@@ -96,15 +117,15 @@ def load(path=None):
         raise ImportError("no librdkafka found (confluent-kafka loaded none; "
                           "set KFAST_LIBRDKAFKA to a librdkafka shared library)")
     bpath = os.fsencode(path)
-    cdef void* h = dlopen(bpath, RTLD_NOW | RTLD_NOLOAD)
+    cdef void* h = kfast_dlopen(bpath, 1)
     if h == NULL:
-        h = dlopen(bpath, RTLD_NOW | RTLD_LOCAL)
+        h = kfast_dlopen(bpath, 0)
     if h == NULL:
-        raise ImportError(f"cannot dlopen {path}: {(<bytes>dlerror()).decode(errors='replace')}")
+        raise ImportError(f"cannot dlopen {path}: {_s(kfast_dlerror())}")
     cdef void** slots = <void**>&api
     cdef void* f
     for i, name in enumerate(_SYMBOLS):
-        f = dlsym(h, ("rd_kafka_" + name).encode())
+        f = kfast_dlsym(h, ("rd_kafka_" + name).encode())
         if f == NULL:
             raise ImportError(f"{path} has no rd_kafka_{name} (librdkafka too old?)")
         slots[i] = f
@@ -360,8 +381,8 @@ cdef class Consumer:
         if r:
             raise _kafka_exception(r, _err_str(r))
 
-    cdef ssize_t _fetch(self, Py_ssize_t n, double timeout) except -1:
-        cdef ssize_t got
+    cdef Py_ssize_t _fetch(self, Py_ssize_t n, double timeout) except -1:
+        cdef Py_ssize_t got
         cdef void* p
         cdef int ms = <int>(timeout * 1000) if timeout >= 0 else -1
         self._check()
@@ -379,8 +400,8 @@ cdef class Consumer:
             got = 0
         return got
 
-    cdef void _destroy_msgs(self, ssize_t start, ssize_t got) noexcept nogil:
-        cdef ssize_t i
+    cdef void _destroy_msgs(self, Py_ssize_t start, Py_ssize_t got) noexcept nogil:
+        cdef Py_ssize_t i
         for i in range(start, got):
             api.message_destroy(self.msgs[i])
 
@@ -390,8 +411,8 @@ cdef class Consumer:
 
         Error messages are appended to ``ring.errors`` as ``KafkaError`` (partition
         EOF is ignored), exactly as ``Ring.push`` does."""
-        cdef ssize_t got = self._fetch(max_messages, timeout)
-        cdef ssize_t i = 0
+        cdef Py_ssize_t got = self._fetch(max_messages, timeout)
+        cdef Py_ssize_t i = 0
         cdef Py_ssize_t stored = 0
         cdef rd_kafka_message_t* m
         cdef rd_kafka_topic_t* last_rkt = NULL
@@ -429,7 +450,7 @@ cdef class Consumer:
     def consume_discard(self, Py_ssize_t max_messages, double timeout):
         """Serve the consumer (group, callbacks) for up to ``timeout`` s; messages
         are dropped. Returns how many were dropped."""
-        cdef ssize_t got = self._fetch(max_messages, timeout)
+        cdef Py_ssize_t got = self._fetch(max_messages, timeout)
         self._destroy_msgs(0, got)
         self._raise_pending()
         return got

@@ -95,7 +95,7 @@ ctypedef struct RdKafkaAPI:
     rd_kafka_queue_t* (*queue_get_main)(rd_kafka_t*) noexcept nogil
     void (*queue_destroy)(rd_kafka_queue_t*) noexcept nogil
     rd_kafka_resp_err_t (*set_log_queue)(rd_kafka_t*, rd_kafka_queue_t*) noexcept nogil
-    ssize_t (*consume_batch_queue)(rd_kafka_queue_t*, int, rd_kafka_message_t**,
+    Py_ssize_t (*consume_batch_queue)(rd_kafka_queue_t*, int, rd_kafka_message_t**,
                                    size_t) noexcept nogil
     void (*message_destroy)(rd_kafka_message_t*) noexcept nogil
     const char* (*topic_name)(const rd_kafka_topic_t*) noexcept nogil
