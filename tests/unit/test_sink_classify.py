@@ -1,4 +1,4 @@
-"""SQLSTATE classification of PostgreSQL errors (by class, never by message text)."""
+"""SQLSTATE classification of PostgreSQL errors (by class; connection refusals by libpq text)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,36 @@ def test_connection_errors_without_sqlstate_are_transient() -> None:
 def test_unknown_class_is_transient() -> None:
     exc = psycopg.errors.lookup("0B000")("invalid transaction initiation")
     assert isinstance(classify(exc), TransientSinkError)
+
+
+@pytest.mark.parametrize(
+    ("message", "state"),
+    [
+        ('connection failed: FATAL:  database "x" does not exist', "3D000"),
+        ('connection failed: FATAL:  role "bob" does not exist', "28000"),
+        ('connection failed: FATAL:  password authentication failed for user "bob"', "28P01"),
+        ('connection failed: FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "b"', "28000"),
+        ('connection failed: FATAL:  permission denied for database "x"', "42501"),
+        ("connection failed: fe_sendauth: no password supplied", "28000"),
+    ],
+)
+def test_connect_refusals_retrying_cannot_fix_are_config_errors(message: str, state: str) -> None:
+    from kfast.sinks.postgres.sqlstate import classify_connect
+
+    err = classify_connect(psycopg.OperationalError(message))
+    assert isinstance(err, ConfigError) and getattr(err, "sqlstate", None) == state
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'connection failed: connection to server at "127.0.0.1", port 1 failed: Connection refused',
+        "connection failed: FATAL:  the database system is starting up",
+        "connection failed: FATAL:  sorry, too many clients already",
+        "connection failed: timeout expired",
+    ],
+)
+def test_other_connect_failures_are_transient(message: str) -> None:
+    from kfast.sinks.postgres.sqlstate import classify_connect
+
+    assert isinstance(classify_connect(psycopg.OperationalError(message)), TransientSinkError)

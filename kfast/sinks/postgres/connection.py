@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 
 from kfast.errors import KfastError, TransientSinkError
-from kfast.sinks.postgres.sqlstate import classify
+from kfast.sinks.postgres.sqlstate import classify, classify_connect
 
 __all__ = ["Connections", "conn_params"]
 
@@ -59,7 +59,7 @@ class Connections:
         try:
             conn = psycopg.connect(self.dsn, autocommit=False, **self.params())
         except psycopg.Error as exc:
-            raise classify(exc) from exc
+            raise classify_connect(exc) from exc
         self._conns[i] = conn
         return conn
 

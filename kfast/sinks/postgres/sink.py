@@ -50,7 +50,7 @@ from kfast.sinks.postgres.copy import copy_rows, copy_sql, encode_error, pre_enc
 from kfast.sinks.postgres.exactly_once import fence, read_offsets, store_offsets
 from kfast.sinks.postgres.plan import Plan, build_plan, table_definition
 from kfast.sinks.postgres.rows import RowTransaction
-from kfast.sinks.postgres.sqlstate import classify, copy_row_hint
+from kfast.sinks.postgres.sqlstate import classify, classify_connect, copy_row_hint
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfast._batch import Batch
@@ -153,7 +153,12 @@ class PostgresSink(Sink):
     # ------------------------------------------------------------ open / introspection
 
     def open(self, pipeline_info: PipelineInfo | None = None) -> None:
-        """Connect, introspect the table, create kfast_offsets (exactly_once)."""
+        """Connect, introspect the table, create kfast_offsets (exactly_once).
+
+        A missing database, an unknown role, bad credentials, no CONNECT privilege or a
+        missing table (without ``create_table``) raise ``ConfigError``; a server that cannot
+        be reached (refused, timeout, starting up) raises ``TransientSinkError``, which the
+        Pipeline retries under its ``RetryPolicy`` as it does mid-run."""
         if pipeline_info is not None:
             self.group_id = pipeline_info.group_id
         conn = self._conns.get(0)
@@ -164,6 +169,9 @@ class PostgresSink(Sink):
             conn.commit()
         except psycopg.Error as exc:
             raise self._conns.fail(0, exc) from exc
+        except ConfigError:
+            self._conns.rollback(0)
+            raise
         self._opened = True
 
     def _introspect(self, conn: psycopg.Connection[Any]) -> None:
@@ -474,7 +482,11 @@ class PostgresSink(Sink):
     def stored_offsets(self, group_id: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         """``{(topic, partition): next_offset}`` stored by exactly_once writes."""
         try:
-            with psycopg.connect(self.dsn, autocommit=True, **self._conns.params()) as conn:
+            conn = psycopg.connect(self.dsn, autocommit=True, **self._conns.params())
+        except psycopg.Error as exc:
+            raise classify_connect(exc) from exc
+        try:
+            with conn:
                 return read_offsets(conn, self.offsets_table, group_id, topics)
         except psycopg.Error as exc:
             raise classify(exc) from exc

@@ -18,6 +18,7 @@ __all__ = [
     "PERMANENT_CLASSES",
     "TRANSIENT_CLASSES",
     "classify",
+    "classify_connect",
     "copy_row_hint",
     "row_only_state",
 ]
@@ -91,6 +92,42 @@ def classify(exc: BaseException) -> KfastError:
             out = TransientSinkError(msg, sqlstate=state)
     out.__cause__ = exc
     return out
+
+
+# libpq reports a server's refusal at connection start as text only (no SQLSTATE): the
+# server's FATAL message, in English unless the server's lc_messages says otherwise. These are
+# the refusals that retrying cannot fix (PostgreSQL's postinit.c and auth.c); any other
+# connection failure (refused, timeout, "the database system is starting up", "too many
+# clients") stays transient, and so does a translated message: retried until the
+# RetryPolicy's deadline, then the pipeline stops.
+_CONNECT_CONFIG: tuple[tuple[re.Pattern[str], str | None], ...] = (
+    (re.compile(r'database "[^"]*" does not exist'), "3D000"),
+    (re.compile(r'role "[^"]*" does not exist'), "28000"),
+    (re.compile(r"password authentication failed for user"), "28P01"),
+    (re.compile(r"authentication failed for user"), "28000"),
+    (re.compile(r"no pg_hba\.conf entry for"), "28000"),
+    (re.compile(r'role "[^"]*" is not permitted to log in'), "28000"),
+    (re.compile(r"permission denied for database"), "42501"),
+    (re.compile(r"no password supplied"), "28000"),  # libpq: the server asked for one
+    (re.compile(r"server does not support SSL, but SSL was required"), None),  # libpq: sslmode
+)
+
+
+def classify_connect(exc: BaseException) -> KfastError:
+    """Classify a failure to connect: a refusal retrying cannot fix (missing database,
+    unknown role, bad password, no pg_hba.conf entry, no CONNECT privilege) is a
+    ``ConfigError`` carrying the SQLSTATE PostgreSQL documents for it; anything else goes
+    through :func:`classify` (connection refused, timeouts: transient)."""
+    if isinstance(exc, psycopg.Error) and not getattr(exc, "sqlstate", None):
+        text = str(exc)
+        for pattern, state in _CONNECT_CONFIG:
+            if pattern.search(text):
+                code = f" (SQLSTATE {state})" if state else ""
+                out = ConfigError(f"PostgresSink cannot connect: {text.strip()}{code}")
+                out.sqlstate = state  # type: ignore[attr-defined]
+                out.__cause__ = exc
+                return out
+    return classify(exc)
 
 
 # Locator classes: data exceptions and integrity violations are raised for one row of a COPY.
