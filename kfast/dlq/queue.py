@@ -8,6 +8,7 @@ the runtime stops without committing.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,8 +17,11 @@ from kfast.dlq.headers import DeadLetter
 from kfast.dlq.policy import DeadLetterPolicy, producer_config
 from kfast.errors import ConfigError, DeadLetterUnavailable, KfastError
 from kfast.retry import Retrier, RetryPolicy
+from kfast.runtime.kafka_log import Throttle, kafka_logger_config
 
 __all__ = ["DeadLetterQueue"]
+
+log = logging.getLogger("kfast.dlq")
 
 
 class DeadLetterQueue:
@@ -48,16 +52,28 @@ class DeadLetterQueue:
         self._failed: list[tuple[DeadLetter, Any]] = []  # failed reports or refused produce()
         self.sent = 0
         self.retries = 0
+        self._throttle = Throttle()
 
     def _get_producer(self) -> Any:
         if self._producer is None:
             from confluent_kafka import Producer
 
+            # librdkafka's own lines go to the kfast.kafka logger (rate-limited), its error
+            # events to kfast.dlq: nothing on stderr, even during a long DLQ outage.
+            conf: dict[str, Any] = kafka_logger_config(dict(self.config), "dlq-producer")
+            conf.setdefault("error_cb", self._on_error)
             try:
-                self._producer = Producer(self.config)
+                self._producer = Producer(conf)
             except Exception as exc:  # KafkaException for bad settings
                 raise ConfigError(f"DeadLetterPolicy.producer: {exc}") from exc
         return self._producer
+
+    def _on_error(self, err: Any) -> None:
+        code = getattr(err, "code", None)
+        suppressed = self._throttle.allow(code() if callable(code) else str(err))
+        if suppressed is not None:
+            more = f" ({suppressed} similar suppressed)" if suppressed else ""
+            log.warning("DLQ producer (topic %r): %s%s", self.policy.topic, err, more)
 
     def send(self, records: Sequence[DeadLetter], stop: threading.Event | None = None) -> None:
         """Produce ``records``; return when every one has a successful delivery report."""

@@ -301,3 +301,35 @@ def test_batch_check_counts_the_previous_run_and_copies_apart() -> None:
     assert c2.error is not None and "7 consecutive" in str(c2.error)
     assert check.error is None and not check.add(5)  # the original is untouched
     assert not check.add(1)  # already known: no change
+
+
+def test_dlq_outage_logs_through_python_logging_not_stderr(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """librdkafka's lines of the DLQ producer go to the kfast.kafka logger, its error events
+    to kfast.dlq: nothing reaches the process's stderr while the DLQ cluster is unreachable."""
+    import logging
+    import socket
+
+    from kfast.dlq import DeadLetter, DeadLetterQueue
+    from kfast.errors import RetryExhausted
+    from kfast.retry import RetryPolicy
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = DeadLetterPolicy(
+        "dlq", producer={"message.timeout.ms": "1500", "reconnect.backoff.ms": "50"}
+    )
+    q = DeadLetterQueue(
+        policy,
+        {"bootstrap.servers": f"127.0.0.1:{port}"},
+        RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01, deadline=10),
+    )
+    caplog.set_level(logging.DEBUG, logger="kfast")
+    with pytest.raises(RetryExhausted):
+        q.send([DeadLetter(b"k", b"v", [], "sink", "X")])
+    q._producer = None  # no flush on close: the cluster is gone
+    assert capfd.readouterr().err == ""
+    names = {r.name for r in caplog.records}
+    assert "kfast.kafka" in names or "kfast.dlq" in names
