@@ -1,6 +1,6 @@
 """``kfast`` command line.
 
-    kfast run pipeline.toml [--plan] [--log-level INFO]
+    kfast run pipeline.toml [--plan] [--log-level INFO] [--health-port N [--health-host H]]
     kfast replay DLQ_TOPIC ...          (see kfast.cli.replay)
 
 The TOML file's fields are described in :mod:`kfast.cli.config`.
@@ -29,7 +29,19 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.plan:
         print(pipe.memory_plan().describe())
         return 0
-    pipe.run()
+    server = None
+    try:
+        if ns.health_port is not None:
+            from kfast.prometheus import serve
+
+            try:
+                server = serve(pipe, ns.health_port, host=ns.health_host)
+            except OSError as e:
+                raise ConfigError(f"--health-port {ns.health_port}: {e}") from e
+        pipe.run()
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 
@@ -47,6 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("config", help="pipeline.toml")
     run.add_argument("--plan", action="store_true", help="print the memory plan and exit")
     run.add_argument("--log-level", default="INFO")
+    run.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /healthz, /readyz (and /metrics) on this port while the pipeline runs",
+    )
+    run.add_argument(
+        "--health-host",
+        default="127.0.0.1",
+        help="address for --health-port (0.0.0.0 for probes from outside the host or pod)",
+    )
     sub.add_parser("replay", help="re-publish dead letters (see 'kfast replay --help')")
     ns = parser.parse_args(args)
     try:

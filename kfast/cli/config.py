@@ -5,7 +5,8 @@
     topics = ["orders"]
     memory_limit = "256MiB"
     drain_timeout = 30          # optional; also revoke_timeout, commit_interval,
-                                # poll_batch, poll_timeout, partitions, metrics_port
+                                # poll_batch, poll_timeout, partitions, metrics_port,
+                                # startup_timeout
 
     [kafka]                     # librdkafka settings, passed through
     "bootstrap.servers" = "127.0.0.1:9092"
@@ -64,6 +65,7 @@ _PIPELINE_KEYS = {
     "poll_timeout",
     "partitions",
     "metrics_port",
+    "startup_timeout",
 }
 _SECTIONS = {"kafka", "decoder", "sink", "batch", "buffer", "retry", "dlq"}
 

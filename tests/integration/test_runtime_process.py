@@ -6,9 +6,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -190,11 +193,14 @@ def test_second_signal_exits_at_once_without_committing(
 
 
 def test_cli_run_drains_and_commits_on_sigterm(kafka_broker, unique_topic, unique_group, tmp_path):
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
     from runtime_util import SCHEMA
 
     kafka_broker.create_topic(unique_topic, partitions=3)
     produce_ids(kafka_broker, unique_topic, 0, 3000, 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     (tmp_path / "event.avsc").write_text(json.dumps(SCHEMA))
     (tmp_path / "pipeline.toml").write_text(
         f"""
@@ -224,6 +230,8 @@ type = "null"
             str(tmp_path / "pipeline.toml"),
             "--log-level",
             "WARNING",
+            "--health-port",
+            str(port),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -234,10 +242,27 @@ type = "null"
     tps = [TopicPartition(unique_topic, p) for p in range(3)]
 
     def committed() -> int:
-        return sum(max(tp.offset, 0) for tp in probe.committed(tps, timeout=5))
+        try:
+            return sum(max(tp.offset, 0) for tp in probe.committed(tps, timeout=5))
+        except KafkaException:  # NOT_COORDINATOR while the group's coordinator loads
+            return 0
+
+    def probe_http(path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        except OSError:
+            return 0, {}
 
     try:
         wait_until(lambda: committed() >= 3000 or proc.poll() is not None, 90, "commits")
+        wait_until(lambda: probe_http("/readyz")[0] == 200, 30, "/readyz 200")
+        status, body = probe_http("/healthz")
+        assert status == 200 and body["state"] == "running" and body["live"]
+        assert body["assigned_partitions"] == 3 and body["broker_reachable"] is True
+        assert body["last_commit_at"] is not None
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
