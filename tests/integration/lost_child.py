@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("dir")
     ap.add_argument("--hold-after", type=int, default=-1)
     ap.add_argument("--batch-rows", type=int, default=250)
+    ap.add_argument("--source", default="confluent", help="Pipeline(source=)")
     ap.add_argument("--kafka", action="append", default=[], help="extra librdkafka KEY=VALUE")
     a = ap.parse_args()
     logging.basicConfig(
@@ -111,6 +112,7 @@ def main() -> None:
         batch=kfast.BatchPolicy(max_rows=a.batch_rows, max_bytes="1MiB", max_wait=0.02),
         revoke_timeout=2.0,
         commit_interval=0.2,
+        source=a.source,
     )
     metrics_path = os.path.join(a.dir, "metrics.json")
 

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--buffer-messages", type=int)
     ap.add_argument("--batch-rows", type=int, default=2000)
     ap.add_argument("--sink-delay", type=float, default=0.0)
+    ap.add_argument("--source", default="confluent", help="Pipeline(source=)")
     ap.add_argument("--kafka", action="append", default=[], help="extra librdkafka KEY=VALUE")
     a = ap.parse_args()
     conf = {
@@ -83,6 +84,7 @@ def main() -> None:
         batch=kfast.BatchPolicy(max_rows=a.batch_rows, max_bytes="1MiB", max_wait=0.02),
         revoke_timeout=2.0,
         commit_interval=0.2,
+        source=a.source,
     )
     print("baseline_rss", _rss_bytes(), flush=True)
     print("plan", json.dumps(pipe.memory_plan().as_dict()), flush=True)

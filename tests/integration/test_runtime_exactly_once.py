@@ -9,6 +9,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 from runtime_util import Runner, pipeline, produce_ids, wait_until
 
+from kfast.runtime.pipeline import SOURCES
 from kfast.sinks.postgres import PostgresSink as _PostgresSink
 
 pytestmark = pytest.mark.integration
@@ -22,8 +23,9 @@ class PostgresSink(_PostgresSink):
 
 
 @pytest.mark.parametrize("protocol", ["classic", "consumer"])
+@pytest.mark.parametrize("source", SOURCES)
 def test_restart_starts_from_offsets_stored_in_postgres(
-    kafka_broker, kafka_consumer_config, pg_dsn, unique_topic, unique_group, protocol
+    kafka_broker, kafka_consumer_config, pg_dsn, unique_topic, unique_group, protocol, source
 ):
     """Under both group protocols: KIP-848 (``consumer``) assigns incrementally, so the
     stored offsets go through ``incremental_assign``."""
@@ -41,7 +43,7 @@ def test_restart_starts_from_offsets_stored_in_postgres(
     produce_ids(kafka_broker, unique_topic, 0, 1000, 2)
     conf = kafka_consumer_config(unique_group, **{"group.protocol": protocol})
     sink = PostgresSink(pg_dsn, table, mode="exactly_once")
-    r = Runner(pipeline(conf, unique_topic, sink))
+    r = Runner(pipeline(conf, unique_topic, sink, source=source))
     wait_until(lambda: count()[0] >= 1000, 60, "first 1000 rows")
     r.stop()
     # Kafka's commits go back to 0 (lost, reset by an operator, ...): PostgreSQL's stay.
@@ -53,7 +55,7 @@ def test_restart_starts_from_offsets_stored_in_postgres(
         fut.result(30)
     produce_ids(kafka_broker, unique_topic, 1000, 500, 2)
     sink2 = PostgresSink(pg_dsn, table, mode="exactly_once")
-    r2 = Runner(pipeline(conf, unique_topic, sink2))
+    r2 = Runner(pipeline(conf, unique_topic, sink2, source=source))
     wait_until(lambda: count()[0] >= 1500, 60, "next 500 rows")
     m = r2.pipe.metrics()
     r2.stop()

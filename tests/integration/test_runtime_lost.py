@@ -36,6 +36,8 @@ from typing import Any
 import pytest
 from runtime_util import produce_ids, read_lines, wait_until
 
+from kfast.runtime.pipeline import SOURCES
+
 pytestmark = pytest.mark.integration
 
 CHILD = str(Path(__file__).with_name("lost_child.py"))
@@ -212,8 +214,9 @@ def _set_group_session_timeout(broker: Any, group: str) -> None:
 
 
 @pytest.mark.parametrize("protocol", sorted(GROUP_PROTOCOLS))
+@pytest.mark.parametrize("source", SOURCES)
 def test_session_expiry_loses_partitions_without_committing_them(
-    kafka_broker, unique_topic, unique_group, tmp_path, protocol
+    kafka_broker, unique_topic, unique_group, tmp_path, protocol, source
 ):
     t_start = time.monotonic()
     kafka = GROUP_PROTOCOLS[protocol]
@@ -224,9 +227,15 @@ def test_session_expiry_loses_partitions_without_committing_them(
     end1 = _ends(WAVE1)
     probe = CommittedOffsets(kafka_broker.bootstrap, unique_group, unique_topic)
     a = Member(
-        "a", kafka_broker, unique_group, unique_topic, tmp_path, f"--hold-after={HOLD_AFTER}"
+        "a",
+        kafka_broker,
+        unique_group,
+        unique_topic,
+        tmp_path,
+        f"--hold-after={HOLD_AFTER}",
+        f"--source={source}",
     )
-    b = Member("b", kafka_broker, unique_group, unique_topic, tmp_path)
+    b = Member("b", kafka_broker, unique_group, unique_topic, tmp_path, f"--source={source}")
     (a.dir / "hold").touch()
     try:
         # 1. A alone: it delivers HOLD_AFTER rows or a little more, commits them, then its
@@ -312,7 +321,7 @@ def test_session_expiry_loses_partitions_without_committing_them(
     ]
     failed_after = [c for c in a_commits_after if c["err"] or any(o[2] for o in c["offsets"])]
     summary = (
-        f"[{protocol}] {WAVE1}+{WAVE2} messages, {PARTITIONS} partitions, session "
+        f"[{protocol}, {source}] {WAVE1}+{WAVE2} messages, {PARTITIONS} partitions, session "
         f"{SESSION_MS} ms: A delivered {len(a_before)} before the freeze, frozen {frozen:.1f} s; "
         f"B delivered {len(rows_b)}; after SIGCONT A delivered {len(a_after)} "
         f"({sum(1 for r in a_after if r[2] < WAVE1)} of wave 1), lost reported after {t_lost:.1f} s, "

@@ -10,6 +10,7 @@ import pytest
 from runtime_util import Recorder, Runner, pipeline, produce_ids, wait_until
 
 import kfast
+from kfast.runtime.pipeline import SOURCES
 
 pytestmark = pytest.mark.integration
 
@@ -17,11 +18,13 @@ N_REGULAR = 200_000
 N_SLOW = 1_000_000
 
 
-def _no_loss_no_dup(kafka_broker, kafka_consumer_config, topic, group, n, partitions=8):
+def _no_loss_no_dup(
+    kafka_broker, kafka_consumer_config, topic, group, n, partitions=8, source="confluent"
+):
     kafka_broker.create_topic(topic, partitions=partitions)
     produce_ids(kafka_broker, topic, 0, n, partitions)
     rec = Recorder()
-    pipe = pipeline(kafka_consumer_config(group), topic, rec, memory_limit="128MiB")
+    pipe = pipeline(kafka_consumer_config(group), topic, rec, memory_limit="128MiB", source=source)
     runner = Runner(pipe)
     wait_until(lambda: rec.count() >= n, 600, f"{n} rows")
     runner.stop()
@@ -44,13 +47,28 @@ def _no_loss_no_dup(kafka_broker, kafka_consumer_config, topic, group, n, partit
     return pipe
 
 
-def test_no_loss_no_duplicates(kafka_broker, kafka_consumer_config, unique_topic, unique_group):
-    _no_loss_no_dup(kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_REGULAR)
+@pytest.mark.parametrize("source", SOURCES)
+def test_no_loss_no_duplicates(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group, source
+):
+    _no_loss_no_dup(
+        kafka_broker,
+        kafka_consumer_config,
+        unique_topic,
+        unique_group,
+        N_REGULAR,
+        source=source,
+    )
 
 
 @pytest.mark.slow
-def test_no_loss_no_duplicates_1m(kafka_broker, kafka_consumer_config, unique_topic, unique_group):
-    _no_loss_no_dup(kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_SLOW)
+@pytest.mark.parametrize("source", SOURCES)
+def test_no_loss_no_duplicates_1m(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group, source
+):
+    _no_loss_no_dup(
+        kafka_broker, kafka_consumer_config, unique_topic, unique_group, N_SLOW, source=source
+    )
 
 
 class _HoldFirstWrite(Recorder):

@@ -10,6 +10,7 @@ import pytest
 from runtime_util import Recorder, Runner, pipeline, produce_ids, wait_until
 
 import kfast
+from kfast.runtime.pipeline import SOURCES
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +19,10 @@ MESSAGES = int(os.environ.get("KFAST_CHURN_MESSAGES", "60000"))
 
 
 @pytest.mark.parametrize("strategy", ["cooperative-sticky", "range"])
-def test_rebalance_churn(kafka_broker, kafka_consumer_config, unique_topic, unique_group, strategy):
+@pytest.mark.parametrize("source", SOURCES)
+def test_rebalance_churn(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group, strategy, source
+):
     n = MESSAGES
     parts = 8
     kafka_broker.create_topic(unique_topic, partitions=parts)
@@ -35,6 +39,7 @@ def test_rebalance_churn(kafka_broker, kafka_consumer_config, unique_topic, uniq
                 memory_limit="48MiB",
                 revoke_timeout=3.0,
                 commit_interval=0.2,
+                source=source,
             )
         )
 
@@ -69,7 +74,7 @@ def test_rebalance_churn(kafka_broker, kafka_consumer_config, unique_topic, uniq
     ids = rec.ids()
     assert set(ids) == set(range(n)), f"lost {n - len(set(ids))} messages"
     dups = len(ids) - len(set(ids))
-    print(f"{strategy}: {events} join/leave events, {n} messages, {dups} duplicates")
+    print(f"{strategy} ({source}): {events} join/leave events, {n} messages, {dups} duplicates")
 
 
 def test_revoke_with_stalled_sink_abandons_and_loses_nothing(

@@ -36,6 +36,19 @@ RebalanceCb = Callable[[list[TopicPartition]], None]
 AssignCb = Callable[[list[TopicPartition]], "dict[tuple[str, int], int] | None"]
 
 
+class _Committed(TopicPartition):
+    """A commit result for the user's ``on_commit``: confluent-kafka's
+    ``TopicPartition.error`` is read-only, set only by its own C code."""
+
+    def __init__(self, topic: str, partition: int, offset: int, error: KafkaError | None):
+        super().__init__(topic, partition, offset)
+        self._error = error
+
+    @property
+    def error(self) -> KafkaError | None:  # type: ignore[override]
+        return self._error
+
+
 class CompiledSource:
     """Owns the consumer; every method is called from the poll thread only."""
 
@@ -178,7 +191,8 @@ class CompiledSource:
             log.warning("commit failed: %s", text)
         if self._user_on_commit is not None:
             err = KafkaError(code, text) if code else None
-            self._user_on_commit(err, [TopicPartition(t, p, o) for t, p, o, _e in items])
+            parts = [_Committed(t, p, o, KafkaError(e) if e else None) for t, p, o, e in items]
+            self._user_on_commit(err, parts)
 
     def _on_stats(self, stats_json: str) -> None:
         try:
