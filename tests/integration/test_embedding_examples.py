@@ -195,3 +195,39 @@ def test_starlette_app_under_uvicorn_sigterm(
     )
     assert _end_offsets(kafka_broker, dlq_topic, 1) == {0: 0}  # nothing dead-lettered
     assert "running" in seen_states
+
+
+@pytest.mark.parametrize(
+    ("script", "sig"),
+    [("asyncio_service.py", signal.SIGINT), ("thread_service.py", signal.SIGTERM)],
+    ids=["asyncio-ctrl-c", "thread-sigterm"],
+)
+def test_service_example_stops_on_a_signal_drained(
+    kafka_broker, pg_dsn, unique_topic, unique_group, tmp_path, script, sig
+):
+    """Ctrl-C of the asyncio host (its loop runs the async sink) and SIGTERM of the
+    worker-thread host: both drain, commit and exit 0 while rows are still arriving."""
+    n1, n2 = 10_000, 20_000
+    kafka_broker.create_topic(unique_topic, partitions=PARTITIONS)
+    table = _table(pg_dsn, unique_topic)
+    env = _env(kafka_broker, pg_dsn, unique_topic, unique_group, table)
+    _produce(kafka_broker, unique_topic, 0, n1)
+    log = tmp_path / "service.log"
+    proc = _start([script], env, log)
+    try:
+
+        def some_rows() -> bool:
+            assert proc.poll() is None, log.read_text(errors="replace")
+            return len(_ids(pg_dsn, table)) > 0
+
+        wait_until(some_rows, 60, "first rows")
+        _produce(kafka_broker, unique_topic, n1, n2)
+    except BaseException:
+        _finish(proc, log, signal.SIGKILL)
+        raise
+    out = _finish(proc, log, sig)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert "stopped" in out or "interrupted" in out, out
+    ids = _assert_drained(kafka_broker, pg_dsn, unique_topic, unique_group, table)
+    assert len(ids) > 0
