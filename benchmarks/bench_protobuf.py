@@ -105,12 +105,12 @@ def test_kfast_columnar(benchmark: Any, payloads: list[bytes]) -> None:
 
 def test_kfast_confluent_framed(benchmark: Any, payloads: list[bytes]) -> None:
     """The same spans behind Confluent framing (magic byte, schema id, path)."""
-    from kfast.protobuf import ConfluentProtobufDecoder, message_path
+    from kfast.confluent import ConfluentProtobufDecoder, message_path
 
     path = message_path(trace_pb2.Span.DESCRIPTOR)
     head = b"\x00" + (42).to_bytes(4, "big") + bytes([len(path) * 2, *(i * 2 for i in path)])
     framed = [head + p for p in payloads]
-    dec = ConfluentProtobufDecoder(classes={42: trace_pb2.Span})
+    dec = ConfluentProtobufDecoder(protobuf_classes={42: trace_pb2.Span})
     batch = dec.decode(framed)
     result = benchmark.pedantic(dec.decode, args=(framed,), kwargs={"out": batch}, rounds=5)
     assert result.num_rows == N and not result.errors

@@ -1,77 +1,149 @@
-"""Confluent Schema Registry framing: ``ConfluentDecoder(registry, reader_schema=None)``.
+"""Confluent-framed Avro (and Protobuf by schema id): ``ConfluentDecoder``.
 
-Each payload is ``0x00`` (magic byte), a 4-byte big-endian schema id, then
-the schemaless Avro record. The writer schema of each id is fetched once
-from the registry (confluent-kafka's ``SchemaRegistryClient`` or any object
-with ``get_schema(schema_id)`` returning something with ``.schema_str`` and
-``.schema_type``) and compiled once; compiled decoders are kept in a bounded
-LRU cache.
-
-Columns: with ``reader_schema`` every writer schema is resolved to it (Avro
-schema resolution), so every batch has the reader's columns. Without one,
-the writer schema of the first id the decoder sees becomes the reader
-schema for the life of the decoder, and later ids are resolved against it.
-Because one batch may mix writer schemas, logical-type conversions in
-``to_pylist()`` follow the reader schema here (``AvroDecoder`` follows the
-writer, like fastavro).
-
-Bad framing, unknown ids, an unreachable registry and unresolvable writer
-schemas are reported per payload as ``RowError`` s; they never raise.
-
-Protobuf: a batch whose first framed payload's id is ``"PROTOBUF"`` in the
-registry (or in ``protobuf_classes``) is handed to ``kfast.protobuf`` (see
-:meth:`ConfluentDecoder._batch_decoder`). Every such decision is made in
-``decode_spans`` hooks, so a ``kfast.Pipeline`` (whose ring calls
-``decode_spans`` on its arena) and ``decode(payloads)`` give the same rows.
+Each payload is ``0x00``, a 4-byte big-endian schema id, then the schemaless record. Writer
+schemas come from the registry through ``kfast.confluent.registry.SchemaStore`` (one lookup per
+id, references resolved recursively) and are compiled once per id.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections import OrderedDict
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from kfast._batch import Batch
 from kfast.avro import FramedAvroDecoder, Program
 from kfast.avro import schema as _schema
-from kfast.errors import ConfigError
+from kfast.confluent.protobuf import ConfluentProtobufDecoder
+from kfast.confluent.registry import (
+    BoundedCache,
+    RegisteredSchema,
+    SchemaStore,
+    UnknownSchemaId,
+    first_schema_id,
+    frame_schema_id,
+    mark_tombstones,
+    without_tombstones,
+)
+from kfast.errors import ConfigError, SchemaRegistryUnavailable
 
-_EMPTY_RECORD = {"type": "record", "name": "kfast_empty", "fields": []}
+__all__ = ["ConfluentDecoder", "resolve_references"]
 
-
-class UnknownSchemaId(LookupError):
-    """The registry does not know a schema id."""
-
-
-class RegistryUnreachable(ConnectionError):
-    """The registry could not be reached."""
-
-
-def _classify(schema_id: int, exc: BaseException) -> str:
-    status = getattr(exc, "http_status_code", None)
-    message = getattr(exc, "error_message", None) or str(exc) or type(exc).__name__
-    if isinstance(exc, UnknownSchemaId) or status == 404 or isinstance(exc, KeyError):
-        return f"unknown schema id {schema_id} (registry: {message})"
-    if isinstance(exc, (ConnectionError, OSError, TimeoutError)) or _is_transport_error(exc):
-        return f"schema registry unreachable for schema id {schema_id}: {message}"
-    if isinstance(exc, ConfigError):
-        return f"schema id {schema_id}: {message}"
-    if status is not None:
-        return f"schema registry error {status} for schema id {schema_id}: {message}"
-    return f"schema id {schema_id}: {type(exc).__name__}: {message}"
+_PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+_KINDS = ("AVRO", "PROTOBUF")
 
 
-def _is_transport_error(exc: BaseException) -> bool:
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - httpx ships with confluent-kafka's registry client
-        return False
-    return isinstance(exc, httpx.TransportError)
+# ------------------------------------------------------------------------ references
+
+
+def resolve_references(store: SchemaStore, entry: RegisteredSchema) -> Any:
+    """The schema of ``entry`` as one self-contained JSON document.
+
+    Each named type the schema takes from its references (another subject's schema at a given
+    version, which may have references of its own) is written out in full where Avro's parsing
+    order first meets its name, and by name after that, which is what a self-contained schema
+    with the same types looks like.
+    """
+    doc = json.loads(entry.schema_str)
+    if not entry.references:
+        return doc
+    available: dict[str, Any] = {}
+
+    def collect(e: RegisteredSchema, seen: frozenset[tuple[str, int]]) -> None:
+        for ref in e.references:
+            key = (ref.subject, ref.version)
+            if key in seen:
+                raise ConfigError(f"schema references form a cycle at {ref.subject} v{ref.version}")
+            sub = store.version(ref.subject, ref.version)
+            collect(sub, seen | {key})
+            sub_doc = json.loads(sub.schema_str)
+            for named in sub_doc if isinstance(sub_doc, list) else [sub_doc]:
+                if isinstance(named, dict) and named.get("type") in (
+                    "record",
+                    "error",
+                    "enum",
+                    "fixed",
+                ):
+                    full = _fullname(named["name"], named.get("namespace"), "")
+                    available.setdefault(full, _absolute(named, full))
+            available.setdefault(ref.name, sub_doc)
+
+    collect(entry, frozenset())
+    defined: set[str] = set()
+
+    def walk(s: Any, ns: str) -> Any:
+        if isinstance(s, str):
+            if s in _PRIMITIVES:
+                return s
+            full = s if "." in s else (f"{ns}.{s}" if ns else s)
+            for cand in (full, s):
+                if cand in defined:
+                    return s
+                if cand in available:
+                    return walk(available[cand], ns)
+            return s
+        if isinstance(s, list):
+            return [walk(b, ns) for b in s]
+        if not isinstance(s, dict):
+            return s
+        t = s.get("type")
+        if t in ("record", "error", "enum", "fixed"):
+            full = _fullname(s["name"], s.get("namespace"), ns)
+            defined.add(full)
+            inner_ns = full.rsplit(".", 1)[0] if "." in full else ""
+            if t in ("record", "error"):
+                s = dict(s)
+                s["fields"] = [dict(f, type=walk(f["type"], inner_ns)) for f in s["fields"]]
+            return s
+        if t == "array":
+            return dict(s, items=walk(s["items"], ns))
+        if t == "map":
+            return dict(s, values=walk(s["values"], ns))
+        if isinstance(t, (str, list, dict)) and t not in _PRIMITIVES:
+            return dict(s, type=walk(t, ns))
+        return s
+
+    return walk(doc, "")
+
+
+def _fullname(name: str, namespace: str | None, parent_ns: str) -> str:
+    if "." in name:
+        return name
+    ns = parent_ns if namespace is None else namespace
+    return f"{ns}.{name}" if ns else name
+
+
+def _absolute(named: dict[str, Any], full: str) -> dict[str, Any]:
+    """A named type that keeps its own namespace wherever it is written out."""
+    out = dict(named)
+    out["name"] = full
+    out.pop("namespace", None)
+    if "." not in full:
+        out["namespace"] = ""  # the null namespace, not the enclosing one
+    return out
+
+
+# ------------------------------------------------------------------------ the decoder
 
 
 class ConfluentDecoder(FramedAvroDecoder):
-    """Decode Confluent-framed Avro payloads into a Batch (see module doc)."""
+    """Decode Confluent-framed payloads into a Batch (see docs/avro.md, "Schema registry").
+
+    ``registry``: a URL, a list of URLs, a dict of confluent-kafka ``SchemaRegistryClient``
+    settings, a client with ``get_schema(schema_id)`` (confluent-kafka's own included) or a
+    ``kfast.confluent.SchemaStore``.
+
+    The columns are fixed up front, never by which schema id arrives first: ``reader_schema``
+    (every writer schema is resolved to it), else the newest version of ``subject`` in the
+    registry, asked at the first decode. The batch kind is ``kind`` (``"AVRO"`` or
+    ``"PROTOBUF"``), else ``"AVRO"`` with a ``reader_schema``, ``"PROTOBUF"`` with only
+    ``protobuf_classes``, else the type of ``subject``'s newest schema. Protobuf batches go to a
+    ``ConfluentProtobufDecoder`` sharing this decoder's registry cache.
+
+    Bad framing, ids of the other kind, ids the registry does not have and writer schemas that
+    do not resolve are RowErrors of their own payloads; a registry that cannot answer raises
+    ``kfast.errors.SchemaRegistryUnavailable`` for the whole batch before any row is decoded.
+    """
 
     def __init__(
         self,
@@ -79,169 +151,137 @@ class ConfluentDecoder(FramedAvroDecoder):
         reader_schema: Any = None,
         max_cached_schemas: int = 1000,
         protobuf_classes: dict[int, Any] | None = None,
+        *,
+        subject: str | None = None,
+        kind: str | None = None,
+        message_name: str | None = None,
     ) -> None:
-        if not hasattr(registry, "get_schema"):
-            raise ConfigError("registry: expected an object with get_schema(schema_id)")
-        if not isinstance(max_cached_schemas, int) or max_cached_schemas < 1:
-            raise ConfigError(
-                f"max_cached_schemas: must be an int >= 1, got {max_cached_schemas!r}"
-            )
-        self.registry = registry
+        self.store = (
+            registry
+            if isinstance(registry, SchemaStore)
+            else SchemaStore(registry, max_cached_schemas=max_cached_schemas)
+        )
+        self.registry = self.store.client
         self.max_cached_schemas = max_cached_schemas
+        self.protobuf_classes = dict(protobuf_classes or {})
+        self.subject = subject
+        self.message_name = message_name
+        if kind is not None:
+            kind = str(kind).upper()
+            if kind not in _KINDS:
+                raise ConfigError(f"kind: 'AVRO' or 'PROTOBUF', got {kind!r}")
+        elif reader_schema is not None:
+            kind = "AVRO"
+        elif self.protobuf_classes:
+            kind = "PROTOBUF"
+        if subject is None and ((kind == "AVRO" and reader_schema is None) or (kind is None)):
+            raise ConfigError(
+                "ConfluentDecoder: the columns must not depend on which schema id arrives "
+                "first: pass reader_schema=... (Avro), subject='<topic>-value' (its newest "
+                "registered version, asked once) or protobuf_classes=..."
+            )
+        self._kind = kind
         self._reader: _schema.Schema | None = None
         self._columns: Program | None = None
         if reader_schema is not None:
-            self._reader = _schema.parse(reader_schema)
-            self._columns = Program(_schema.compile_schema(self._reader, None, False))
-        self._programs: OrderedDict[int, Program] = OrderedDict()
-        self._registered: OrderedDict[int, Any] = OrderedDict()
-        self._empty = Program(_schema.compile_schema(_schema.parse(_EMPTY_RECORD)))
-        self._protobuf: Any = None
-        # {schema_id: generated Protobuf class or Descriptor}: these ids are
-        # PROTOBUF without asking the registry (see docs/protobuf.md)
-        self.protobuf_classes = dict(protobuf_classes or {})
+            self._set_reader(_schema.parse(reader_schema))
+        self._programs: BoundedCache[int, Program] = BoundedCache(max_cached_schemas)
+        self._protobuf: ConfluentProtobufDecoder | None = None
 
     def schema_id_of(self, value: Any) -> int | None:
-        """The schema id a payload is framed with, or None when it is not framed.
-
-        Reads only the 5-byte header; the runtime uses it to give dead letters
-        a ``kfast.schema.id`` header (plain decoders have no such method).
-        """
+        """The schema id a payload is framed with, or None when it is not framed (only the
+        5-byte header is read: the runtime gives dead letters a ``kfast.schema.id`` header)."""
         return frame_schema_id(value)
 
-    # -- registry -----------------------------------------------------------
-    def _fetch(self, schema_id: int) -> Any:
-        """The registry's entry for an id (kept in a bounded LRU: one lookup per id)."""
-        registered = self._registered.get(schema_id)
-        if registered is not None:
-            self._registered.move_to_end(schema_id)
-            return registered
-        try:
-            registered = self.registry.get_schema(schema_id)
-            if registered is None:
-                raise UnknownSchemaId("not found")
-        except Exception as exc:
-            raise RuntimeError(_classify(schema_id, exc)) from exc
-        self._registered[schema_id] = registered
-        while len(self._registered) > self.max_cached_schemas:
-            self._registered.popitem(last=False)
-        return registered
+    def _set_reader(self, reader: _schema.Schema) -> None:
+        self._reader = reader
+        self._columns = Program(_schema.compile_schema(reader, None, False))
 
-    def _schema_type(self, schema_id: int) -> str:
-        return str(getattr(self._fetch(schema_id), "schema_type", None) or "AVRO").upper()
+    def kind(self) -> str:
+        """``"AVRO"`` or ``"PROTOBUF"``: how every batch is decoded (may ask for ``subject``)."""
+        if self._kind is None:
+            assert self.subject is not None
+            entry = self.store.latest(self.subject)
+            if entry.schema_type not in _KINDS:
+                raise ConfigError(
+                    f"subject {self.subject!r}: {entry.schema_type} schemas are not decoded"
+                )
+            self._kind = entry.schema_type
+        return self._kind
 
-    # -- hooks called by FramedAvroDecoder.decode_spans ----------------------
+    def _writer(self, entry: RegisteredSchema) -> _schema.Schema:
+        return _schema.parse(resolve_references(self.store, entry))
+
+    # -- hooks called by FramedAvroDecoder.decode_spans ----------------------------------------
+    def _batch_decoder(self, first_schema_id: int) -> Any:
+        """None (decode here as Avro) or the Protobuf decoder, by the configured kind: no id of
+        the batch decides it, so one foreign payload costs only its own row."""
+        if self.kind() == "PROTOBUF":
+            return self._protobuf_decoder()
+        return None
+
     def _columns_program(self, first_schema_id: int | None) -> Program:
-        if self._columns is not None:
-            return self._columns
-        if first_schema_id is None:
-            return self._empty
-        try:
-            self._program_for(first_schema_id)
-        except Exception:
-            return self._empty  # that id's rows fail with the registry's reason
+        if self._columns is None:
+            assert self.subject is not None
+            entry = self.store.latest(self.subject)
+            if entry.schema_type != "AVRO":
+                raise ConfigError(f"subject {self.subject!r}: newest schema is {entry.schema_type}")
+            self._set_reader(self._writer(entry))
         assert self._columns is not None
         return self._columns
 
     def _program_for(self, schema_id: int) -> Program:
         prog = self._programs.get(schema_id)
         if prog is not None:
-            self._programs.move_to_end(schema_id)
             return prog
-        if schema_id in self.protobuf_classes:  # PROTOBUF without asking the registry
-            raise ConfigError("is a PROTOBUF schema; this batch is decoded as Avro")
-        registered = self._fetch(schema_id)
-        kind = self._schema_type(schema_id)
-        if kind != "AVRO":
-            raise ConfigError(f"is a {kind} schema; this batch is decoded as Avro")
-        writer = _schema.parse(registered.schema_str)
-        if self._reader is None:
-            self._reader = writer
-            self._columns = Program(_schema.compile_schema(writer, None, False))
+        if schema_id in self.protobuf_classes:
+            raise ConfigError(f"schema id {schema_id} is PROTOBUF; this decoder decodes AVRO")
+        entry = self.store.get(schema_id)
+        if entry.schema_type != "AVRO":
+            raise ConfigError(
+                f"schema id {schema_id} is {entry.schema_type}; this decoder decodes AVRO"
+            )
+        self._columns_program(None)
+        assert self._reader is not None
+        try:
+            writer = self._writer(entry)
+        except (ValueError, KeyError, TypeError) as exc:  # ConfigError included
+            raise ConfigError(f"schema id {schema_id}: {exc}") from None
         try:
             prog = Program(_schema.compile_schema(self._reader, writer, False))
         except ConfigError as exc:
-            raise ConfigError(f"cannot be resolved to the reader schema: {exc}") from None
-        self._programs[schema_id] = prog
-        while len(self._programs) > self.max_cached_schemas:
-            self._programs.popitem(last=False)
-        return prog
+            raise ConfigError(
+                f"schema id {schema_id}: cannot be resolved to the reader schema: {exc}"
+            ) from None
+        return self._programs.put(schema_id, prog)
 
     def _failure_reason(self, schema_id: int, exc: BaseException) -> str:
-        if isinstance(exc, RuntimeError) and exc.__cause__ is not None:
-            return str(exc)  # already classified by _fetch
-        return _classify(schema_id, exc)
+        if isinstance(exc, SchemaRegistryUnavailable):  # never a row error (see decode_spans)
+            raise exc
+        if isinstance(exc, (UnknownSchemaId, ConfigError)):
+            return str(exc)
+        return f"schema id {schema_id}: {type(exc).__name__}: {exc}"
 
-    # -- Protobuf dispatch ---------------------------------------------------
-    def _batch_decoder(self, first_schema_id: int) -> Any:
-        """Dispatch point, called by ``decode_spans`` (so by ``decode`` and by
-        the Pipeline's ring alike) with the schema id of the batch's first
-        framed payload: its schema type decides the decoder. ``"AVRO"`` (or
-        none) decodes here (returns None); ``"PROTOBUF"`` hands the whole batch
-        to ``kfast.protobuf.ConfluentProtobufDecoder`` (imported lazily,
-        constructed once with the same registry), a compiled decoder that reads
-        the same spans, so neither path copies a payload. A registry failure raises:
-        that id's payloads become RowErrors and the batch is decoded as Avro.
-        """
-        if first_schema_id in self.protobuf_classes:
-            return self._protobuf_decoder()
-        if self._schema_type(first_schema_id) == "PROTOBUF":
-            return self._protobuf_decoder()
-        return None
-
-    def decode(self, payloads: Sequence[Any], out: Batch | None = None) -> Batch:
-        """Decode a sequence of framed payloads into a Batch.
-
-        The rows are those of ``decode_spans`` (what a Pipeline's ring calls):
-        the batch's first framed payload decides through ``_batch_decoder``.
-        This override only spares a Protobuf batch a pass: it hands the
-        caller's payload objects to ``ConfluentProtobufDecoder.decode``, which
-        frames each payload as it takes its buffer.
-        """
-        if not isinstance(payloads, (list, tuple)):
-            payloads = list(payloads)
-        first = _first_schema_id(payloads)
-        if first is not None:
-            try:
-                other = self._batch_decoder(first)
-            except Exception:
-                other = None  # decode_spans asks again and reports that id's rows
-            if other is not None:
-                result: Batch = other.decode(payloads, out)
-                return result
-        return super().decode(payloads, out)
-
-    def _protobuf_decoder(self) -> Any:
+    def _protobuf_decoder(self) -> ConfluentProtobufDecoder:
         if self._protobuf is None:
-            module = importlib.import_module("kfast.protobuf")
-            factory = getattr(module, "ConfluentProtobufDecoder", None)
-            if factory is None:
-                raise ConfigError(
-                    "schema registry holds a PROTOBUF schema but kfast.protobuf has no "
-                    "ConfluentProtobufDecoder"
-                )
-            self._protobuf = factory(
-                self.registry,
-                classes=self.protobuf_classes,
+            self._protobuf = ConfluentProtobufDecoder(
+                self.store,
+                protobuf_classes=self.protobuf_classes,
+                subject=self.subject if not self.protobuf_classes else None,
+                message_name=self.message_name,
                 max_cached_schemas=self.max_cached_schemas,
             )
         return self._protobuf
 
+    def decode(self, payloads: Sequence[Any], out: Batch | None = None) -> Batch:
+        """Decode framed payloads into a Batch: the rows ``decode_spans`` gives a Pipeline.
 
-def frame_schema_id(value: Any) -> int | None:
-    """Schema id of a Confluent-framed payload (magic byte 0, 4-byte big-endian
-    id); None when ``value`` is shorter than 5 bytes or has another first byte."""
-    head = bytes(memoryview(value)[:5])
-    if len(head) == 5 and head[0] == 0:
-        return int.from_bytes(head[1:5], "big")
-    return None
-
-
-def _first_schema_id(payloads: Sequence[Any]) -> int | None:
-    for p in payloads:
-        if p is None:
-            continue
-        schema_id = frame_schema_id(p)
-        if schema_id is not None:
-            return schema_id
-    return None
+        A Protobuf batch is handed the caller's payload objects directly (no copy). A ``None``
+        payload (a tombstone) is a RowError; a Pipeline skips tombstones.
+        """
+        payloads, tombstones = without_tombstones(payloads)
+        if first_schema_id(payloads) is not None and self.kind() == "PROTOBUF":
+            batch: Batch = self._protobuf_decoder().decode(payloads, out)
+        else:
+            batch = super().decode(payloads, out)
+        return mark_tombstones(batch, tombstones)

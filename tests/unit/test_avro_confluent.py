@@ -16,7 +16,7 @@ import pytest
 
 import kfast
 from kfast.confluent import ConfluentDecoder
-from kfast.errors import ConfigError
+from kfast.errors import ConfigError, SchemaRegistryUnavailable
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # authlib's httpx deprecation notice on import
@@ -74,9 +74,13 @@ def test_reader_schema_resolves_every_writer(mock_registry: Any) -> None:
     assert "cannot be resolved" in batch.errors[0].reason
 
 
-def test_first_id_defines_columns_without_reader(mock_registry: Any) -> None:
+def test_columns_without_reader_come_from_the_subject_not_arrival_order(mock_registry: Any) -> None:
     reg, id1, id2, _ = mock_registry
-    dec = ConfluentDecoder(reg)
+    with pytest.raises(ConfigError, match="reader_schema"):
+        ConfluentDecoder(reg)
+    old_first = ConfluentDecoder(reg, subject="users-value").decode([frame(id1, V1, {"id": 6})])
+    assert old_first.column_names == ["id", "email"]  # the newest version (V2), not id1's V1
+    dec = ConfluentDecoder(reg, subject="users-value")
     batch = dec.decode([frame(id2, V2, {"id": 5, "email": None}), frame(id1, V1, {"id": 6})])
     assert batch.column_names == ["id", "email"]
     assert batch.to_pylist() == [{"id": 5, "email": None}, {"id": 6, "email": None}]
@@ -90,7 +94,7 @@ def test_framing_errors_are_rows_not_crashes(mock_registry: Any) -> None:
     good = frame(id1, V1, {"id": 1})
     payloads = [good, b"", b"\x00\x00", b"\x05" + good[1:], frame(424242, V1, {"id": 1}),
                 good + b"\x00", good[:-1], bytearray(good), memoryview(good)]  # fmt: skip
-    batch = ConfluentDecoder(reg).decode(payloads)
+    batch = ConfluentDecoder(reg, V1).decode(payloads)
     assert list(batch.source_indices) == [0, 7, 8]
     reasons = {e.index: e.reason for e in batch.errors}
     assert "too short" in reasons[1] and "too short" in reasons[2]
@@ -123,15 +127,18 @@ def test_compiled_decoders_are_cached_in_a_bounded_lru(mock_registry: Any) -> No
         ConfluentDecoder(object())
 
 
-def test_registry_unreachable_is_a_row_error() -> None:
+def test_registry_unreachable_raises_for_the_batch_never_row_errors() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    reg = SchemaRegistryClient({"url": f"http://127.0.0.1:{port}", "max.retries": 0,
-                                "timeout": 2})  # fmt: skip
-    batch = ConfluentDecoder(reg, reader_schema=V1).decode([frame(1, V1, {"id": 1})])
-    assert batch.num_rows == 0
-    assert batch.errors[0].reason.startswith("schema registry unreachable for schema id 1")
+    theirs = SchemaRegistryClient({"url": f"http://127.0.0.1:{port}", "max.retries": 0,
+                                   "timeout": 2})  # fmt: skip
+    for reg in (theirs, f"http://127.0.0.1:{port}"):
+        dec = ConfluentDecoder(reg, reader_schema=V1)
+        with pytest.raises(SchemaRegistryUnavailable, match="schema id 1|unreachable"):
+            dec.decode([frame(1, V1, {"id": 1})])
+        with pytest.raises(SchemaRegistryUnavailable):
+            via_ring(dec, [frame(1, V1, {"id": 1})])
 
 
 class _Registry(BaseHTTPRequestHandler):
@@ -199,7 +206,7 @@ def test_http_registry(http_registry: str) -> None:
 
 def test_protobuf_dispatch_point(http_registry: str) -> None:
     reg = SchemaRegistryClient({"url": http_registry, "max.retries": 0})
-    dec = ConfluentDecoder(reg)
+    dec = ConfluentDecoder(reg, kind="PROTOBUF")
     seen: list[Any] = []
 
     class FakeProtobuf:
@@ -230,16 +237,17 @@ def test_object_columns_use_each_writer_schema(mock_registry: Any) -> None:
     assert batch.to_pylist() == [{"u": 5}, {"u": "s"}, {"u": 7}, {"u": "t"}]
 
 
-def test_first_known_id_defines_columns_when_the_first_id_fails(mock_registry: Any) -> None:
+def test_an_unknown_first_id_costs_only_its_own_row(mock_registry: Any) -> None:
     reg, id1, _, _ = mock_registry
-    batch = ConfluentDecoder(reg).decode([frame(31337, V1, {"id": 1}), frame(id1, V1, {"id": 2})])
-    assert batch.to_pylist() == [{"id": 2}]
+    dec = ConfluentDecoder(reg, subject="users-value")
+    batch = dec.decode([frame(31337, V1, {"id": 1}), frame(id1, V1, {"id": 2})])
+    assert batch.to_pylist() == [{"id": 2, "email": None}]
     assert batch.errors[0].index == 0 and "unknown schema id 31337" in batch.errors[0].reason
 
 
 def test_schema_id_of_reads_the_frame_header(mock_registry: Any) -> None:
     reg, id1, _, _ = mock_registry
-    dec = ConfluentDecoder(reg)
+    dec = ConfluentDecoder(reg, V1)
     value = frame(id1, V1, {"id": 1})
     assert dec.schema_id_of(value) == id1
     assert dec.schema_id_of(bytearray(value)) == id1
@@ -282,15 +290,16 @@ def test_ring_path_matches_decode(mock_registry: Any) -> None:
               frame(424242, V1, {"id": 3}), good[:-1], frame(id3, OTHER, {"id": "x"}),
               frame(id1, V1, {"id": 4})]  # fmt: skip
     for reader in (None, V2):
-        want = ConfluentDecoder(reg, reader).decode(values)
-        got = via_ring(ConfluentDecoder(reg, reader), values)
+        subject = "users-value" if reader is None else None
+        want = ConfluentDecoder(reg, reader, subject=subject).decode(values)
+        got = via_ring(ConfluentDecoder(reg, reader, subject=subject), values)
         assert_same_batch(got, want)
         assert got.num_rows == 3 and len(got.errors) == 5
 
 
 def test_ring_path_hands_protobuf_batches_over(http_registry: str) -> None:
     reg = SchemaRegistryClient({"url": http_registry, "max.retries": 0})
-    dec = ConfluentDecoder(reg)
+    dec = ConfluentDecoder(reg, kind="PROTOBUF")
     seen: list[Any] = []
 
     class FakeProtobuf:
@@ -330,20 +339,58 @@ def test_batch_decoder_may_be_a_compiled_decoder(mock_registry: Any) -> None:
     assert via_ring(Delegating(reg, V2), values[::-1]).column_names == ["id", "email"]
 
 
-def test_ring_path_asks_a_failing_registry_once_per_batch(mock_registry: Any) -> None:
-    reg, id1, _, _ = mock_registry
+def test_an_outage_fails_the_whole_batch_then_the_same_batch_decodes(mock_registry: Any) -> None:
+    reg, id1, id2, _ = mock_registry
     calls: list[int] = []
+    down = [True]
 
-    class Down:
+    class Flaky:
         def get_schema(self, schema_id: int) -> Any:
             calls.append(schema_id)
-            if schema_id == 5:
+            if down[0] and schema_id == id2:
                 raise ConnectionError("connection refused")
             return reg.get_schema(schema_id)
 
-    values = [frame(5, V1, {"id": 1}), frame(id1, V1, {"id": 2}), frame(5, V1, {"id": 3})]
-    batch = via_ring(ConfluentDecoder(Down()), values)
-    assert batch.to_pylist() == [{"id": 2}]
-    assert [e.index for e in batch.errors] == [0, 2]
-    assert batch.errors[0].reason.startswith("schema registry unreachable for schema id 5")
-    assert calls.count(5) == 1
+    dec = ConfluentDecoder(Flaky(), V2)
+    values = [frame(id1, V1, {"id": 1}), frame(id2, V2, {"id": 2, "email": None}), b"\x07"]
+    for decode in (dec.decode, lambda v: via_ring(dec, v)):
+        with pytest.raises(SchemaRegistryUnavailable, match=f"schema id {id2}"):
+            decode(values)
+    assert calls.count(id2) == 2 and calls.count(id1) == 1  # id1 cached, id2 asked per batch
+    down[0] = False
+    for batch in (dec.decode(values), via_ring(dec, values)):
+        assert batch.to_pylist() == [{"id": 1, "email": None}, {"id": 2, "email": None}]
+        assert [e.index for e in batch.errors] == [2]
+
+
+def test_registry_answers_are_sorted_into_outage_or_not_found() -> None:
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from kfast.confluent import SchemaStore, UnknownSchemaId
+
+    answers: dict[int, BaseException] = {
+        1: SchemaRegistryError(404, 40403, "Schema not found"),
+        2: SchemaRegistryError(503, 50301, "unavailable"),
+        3: SchemaRegistryError(429, 42901, "slow down"),
+        4: SchemaRegistryError(401, 40101, "unauthorized"),
+        5: TimeoutError("timed out"),
+        6: OSError("connection reset"),
+    }
+    asked: list[int] = []
+
+    class Answers:
+        def get_schema(self, schema_id: int) -> Any:
+            asked.append(schema_id)
+            raise answers[schema_id]
+
+    store = SchemaStore(Answers(), not_found_wait=0.0)
+    with pytest.raises(UnknownSchemaId, match="unknown schema id 1"):
+        store.get(1)
+    assert asked.count(1) == 3  # confirmed by asking twice more
+    with pytest.raises(UnknownSchemaId):
+        store.get(1)
+    assert asked.count(1) == 3  # a confirmed "not found" is remembered
+    for sid in (2, 3, 4, 5, 6):
+        with pytest.raises(SchemaRegistryUnavailable):
+            store.get(sid)
+        assert asked.count(sid) == 1

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from _protobuf_support import compiled, expected
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 import kfast
-from kfast.protobuf import (
+from kfast.confluent import (
     ConfluentProtobufDecoder,
     message_path,
     parse_message_indexes,
 )
+from kfast.errors import SchemaRegistryUnavailable
 
 pb3 = compiled("kfpb3")
 
@@ -40,7 +43,7 @@ def test_message_path() -> None:
 
 
 def test_classes_and_framing_errors() -> None:
-    dec = ConfluentProtobufDecoder(classes={7: pb3.Tree, 8: pb3.Inner})
+    dec = ConfluentProtobufDecoder(protobuf_classes={7: pb3.Tree, 8: pb3.Inner})
     t = pb3.Tree(value=5, children=[pb3.Tree(value=6)])
     payloads = [
         frame(7, b"\x02\x06", t.SerializeToString()),
@@ -78,7 +81,7 @@ def test_registry_schema_text_compiled_with_protoc() -> None:
     sid = client.register_schema("orders-value", Schema(text, "PROTOBUF"))
     # the writer side: any class with the same wire format, here built by hand
     body = b"\x08\x2a\x12\x03abc\x1a\x02\x08\x05"
-    dec = kfast.ConfluentDecoder(client)
+    dec = kfast.ConfluentDecoder(client, subject="orders-value", message_name="shop.Envelope.Order")
     batch = dec.decode([frame(sid, b"\x04\x00\x00", body), frame(sid, b"\x02\x02", b"")])
     assert batch.to_pylist() == [{"id": 42, "sku": "abc", "at": {"seconds": 5, "nanos": 0}}]
     assert batch.errors[0].index == 1 and "shop.Other" in batch.errors[0].reason
@@ -98,7 +101,7 @@ def test_confluent_decoder_with_protobuf_classes() -> None:
 
 
 def test_mixed_ids_buffers_and_bad_paths() -> None:
-    dec = ConfluentProtobufDecoder(classes={1: pb3.Tree, 2: pb3.Tree})
+    dec = ConfluentProtobufDecoder(protobuf_classes={1: pb3.Tree, 2: pb3.Tree})
     t = pb3.Tree(value=9).SerializeToString()
     payloads = [
         frame(1, b"\x02\x06", t),
@@ -123,7 +126,7 @@ def test_random_framing_never_crashes() -> None:
     import random
 
     rng = random.Random(5)
-    dec = ConfluentProtobufDecoder(classes={0: pb3.Tree, 1: pb3.Tree})
+    dec = ConfluentProtobufDecoder(protobuf_classes={0: pb3.Tree, 1: pb3.Tree})
     blobs = [
         b"\x00" + bytes(rng.randrange(4) if k < 4 else rng.randrange(256) for k in range(n))
         for n in (rng.randrange(0, 16) for _ in range(3000))
@@ -133,7 +136,7 @@ def test_random_framing_never_crashes() -> None:
 
 
 def test_schema_id_of_reads_the_frame_header() -> None:
-    dec = ConfluentProtobufDecoder(classes={7: pb3.Tree})
+    dec = ConfluentProtobufDecoder(protobuf_classes={7: pb3.Tree})
     assert dec.schema_id_of(frame(7, b"\x00", b"\x08\x01")) == 7
     assert dec.schema_id_of(frame(0x01020304, b"", b"")) == 0x01020304  # header only
     for bad in (b"", b"\x00\x00\x00\x07", b"\x01\x00\x00\x00\x07\x00"):
@@ -157,7 +160,7 @@ def test_pipeline_ring_path_matches_decode() -> None:
     t = pb3.Tree(value=3).SerializeToString()
     by_classes = [frame(7, b"\x02\x06", t)] * 3 + [frame(7, b"\x00", t)]
     cases = [
-        (lambda: kfast.ConfluentDecoder(client), values),
+        (lambda: kfast.ConfluentDecoder(client, subject="ring-value"), values),
         (lambda: kfast.ConfluentDecoder(client, protobuf_classes={7: pb3.Tree}), by_classes),
     ]
     for make, vals in cases:
@@ -175,7 +178,7 @@ def test_pipeline_ring_path_matches_decode() -> None:
         assert not any("Avro" in e.reason for e in got.errors)
 
 
-def test_registry_failures_read_like_the_avro_ones() -> None:
+def test_registry_outage_fails_the_batch_unknown_ids_are_rows() -> None:
     from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
     client = SchemaRegistryClient.new_client({"url": "mock://kfast-protobuf-reasons"})
@@ -188,10 +191,14 @@ def test_registry_failures_read_like_the_avro_ones() -> None:
                 raise ConnectionError("connection refused")
             return client.get_schema(schema_id)
 
-    batch = kfast.ConfluentDecoder(Down()).decode(
-        [frame(sid, b"\x00", b"\x08\x01"), frame(9, b"\x00", b""), frame(77777, b"\x00", b"")]
-    )
+        def get_latest_version(self, subject: str) -> Any:
+            return client.get_latest_version(subject)
+
+    dec = kfast.ConfluentDecoder(Down(), subject="r-value")
+    with pytest.raises(SchemaRegistryUnavailable, match="schema id 9"):
+        dec.decode([frame(sid, b"\x00", b"\x08\x01"), frame(9, b"\x00", b"")])
+    batch = dec.decode([frame(sid, b"\x00", b"\x08\x01"), frame(77777, b"\x00", b""), None])
     assert batch.to_pylist() == [{"a": 1}]
     reasons = [e.reason for e in batch.errors]
-    assert reasons[0] == "schema registry unreachable for schema id 9: connection refused"
-    assert reasons[1].startswith("unknown schema id 77777 (registry: ")
+    assert reasons[0].startswith("unknown schema id 77777 (registry: ")
+    assert reasons[1].startswith("tombstone")

@@ -21,7 +21,8 @@ from test_protobuf_fuzz import mutate
 
 import kfast
 from kfast._batch import BaseDecoder
-from kfast.protobuf import ConfluentProtobufDecoder, ProtobufDecoder, message_path
+from kfast.confluent import ConfluentProtobufDecoder, message_path
+from kfast.protobuf import ProtobufDecoder
 from kfast.protobuf._decoder import FramedProtobufDecoder
 from kfast.runtime.ring import Ring
 
@@ -135,7 +136,7 @@ def test_every_path_equals_the_plain_decoder(cls: Any) -> None:
             values.append(v)
 
         def make() -> ConfluentProtobufDecoder:
-            return ConfluentProtobufDecoder(classes={7: cls, 8: cls})
+            return ConfluentProtobufDecoder(protobuf_classes={7: cls, 8: cls})
 
         def confluent() -> kfast.ConfluentDecoder:
             return kfast.ConfluentDecoder(_NoRegistry(), protobuf_classes={7: cls, 8: cls})
@@ -160,7 +161,7 @@ class _NoRegistry:
 
 
 def test_is_a_compiled_decoder() -> None:
-    dec = ConfluentProtobufDecoder(classes={7: pb3.Tree})
+    dec = ConfluentProtobufDecoder(protobuf_classes={7: pb3.Tree})
     assert isinstance(dec, BaseDecoder) and isinstance(dec, FramedProtobufDecoder)
     # so ConfluentDecoder's ring hand-over gives it the spans (no bytes copies)
     handed = kfast.ConfluentDecoder(_NoRegistry(), protobuf_classes={7: pb3.Tree})
@@ -178,7 +179,7 @@ def test_resolve_is_asked_once_per_key_and_batch() -> None:
             calls.append((schema_id, path_bytes))
             return super()._resolve(schema_id, path_bytes)
 
-    dec = Counting(classes={1: pb3.Tree, 2: pb3.Tree})
+    dec = Counting(protobuf_classes={1: pb3.Tree, 2: pb3.Tree})
     path = encoded_path(message_path(pb3.Tree.DESCRIPTOR))
     t = pb3.Tree(value=1).SerializeToString()
     values = [frame(1 + k % 2, path, t) for k in range(50)]  # 1, 2, 1, 2, ...
@@ -192,9 +193,10 @@ def test_resolve_is_asked_once_per_key_and_batch() -> None:
 
 
 def test_all_bad_batch_keeps_the_decoders_columns() -> None:
-    dec = ConfluentProtobufDecoder(classes={7: pb3.Inner})
-    assert dec.decode([b"\x01\x02"]).column_names == []  # no type yet: an empty message
+    dec = ConfluentProtobufDecoder(protobuf_classes={7: pb3.Inner})
+    first = dec.decode([b"\x01\x02"])  # the columns are the given class's from the start
     good = dec.decode([frame(7, b"\x00", pb3.Inner(a=1).SerializeToString())])
+    assert first.column_names == good.column_names != []
     bad = dec.decode([b"\x01\x02", frame(9, b"\x00", b"")])
     assert bad.num_rows == 0 and len(bad.errors) == 2
     assert bad.column_names == good.column_names  # one column layout per decoder
