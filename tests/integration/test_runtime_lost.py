@@ -36,8 +36,6 @@ from typing import Any
 import pytest
 from runtime_util import produce_ids, read_lines, wait_until
 
-from kfast.runtime.pipeline import SOURCES
-
 pytestmark = pytest.mark.integration
 
 CHILD = str(Path(__file__).with_name("lost_child.py"))
@@ -213,8 +211,13 @@ def _set_group_session_timeout(broker: Any, group: str) -> None:
         fut.result(timeout=30)
 
 
-@pytest.mark.parametrize("protocol", sorted(GROUP_PROTOCOLS))
-@pytest.mark.parametrize("source", SOURCES)
+# the compiled source's lost path does not depend on the protocol (librdkafka's
+# assignment_lost); its KIP-848 rebalances are proven by test_runtime_source.py and
+# test_runtime_exactly_once.py, so this slow proof runs it on the classic protocol only
+@pytest.mark.parametrize(
+    ("protocol", "source"),
+    [("classic", "confluent"), ("consumer", "confluent"), ("classic", "compiled")],
+)
 def test_session_expiry_loses_partitions_without_committing_them(
     kafka_broker, unique_topic, unique_group, tmp_path, protocol, source
 ):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from runtime_util import count_lines, produce_ids, read_lines, wait_until
 
+from kfast.runtime.pipeline import SOURCES
+
 pytestmark = pytest.mark.integration
 
 CHILD = str(Path(__file__).with_name("runtime_child.py"))
@@ -53,10 +55,12 @@ KILLS = int(os.environ.get("KFAST_KILLS", "3"))
 KILL_MESSAGES = int(os.environ.get("KFAST_KILL_MESSAGES", "60000"))
 
 
-def test_at_least_once_under_kill_9(kafka_broker, unique_topic, unique_group, tmp_path):
+@pytest.mark.parametrize("source", SOURCES)
+def test_at_least_once_under_kill_9(kafka_broker, unique_topic, unique_group, tmp_path, source):
     """Kill the consumer process at random moments; every message still arrives,
     and a clean final run leaves nothing uncommitted."""
     n = KILL_MESSAGES
+    src = f"--source={source}"
     kafka_broker.create_topic(unique_topic, partitions=4)
     produce_ids(kafka_broker, unique_topic, 0, n, 4)
     out = str(tmp_path / "rows.txt")
@@ -76,6 +80,7 @@ def test_at_least_once_under_kill_9(kafka_broker, unique_topic, unique_group, tm
             "1000",
             "--sink-delay",
             "0.05",
+            src,
         )
         wait_until(
             lambda b=before, p=proc: count_lines(out) > b or p.poll() is not None, 60, "progress"
@@ -86,20 +91,20 @@ def test_at_least_once_under_kill_9(kafka_broker, unique_topic, unique_group, tm
         kills += 1
         if len(set(r[2] for r in read_lines(out))) >= n:
             break
-    proc = _spawn(kafka_broker.bootstrap, unique_group, unique_topic, out)
+    proc = _spawn(kafka_broker.bootstrap, unique_group, unique_topic, out, src)
     wait_until(lambda: len({r[2] for r in read_lines(out)}) >= n, 120, "all ids")
     metrics = _finish(proc)
     rows = read_lines(out)
     ids = [r[2] for r in rows]
     assert set(ids) == set(range(n)), "lost messages"
     dups = len(ids) - len(set(ids))
-    print(f"kill -9 x{kills}: {n} messages, {dups} duplicates (uncommitted tails)")
+    print(f"kill -9 x{kills} ({source}): {n} messages, {dups} duplicates (uncommitted tails)")
     # Duplicates come only from uncommitted tails: per partition, a re-read
     # restarts at some earlier offset and then continues contiguously.
     assert metrics["ring"]["gaps"] == 0
     # All committed at the clean exit: a fresh run of the same group gets nothing.
     out2 = str(tmp_path / "after.txt")
-    proc = _spawn(kafka_broker.bootstrap, unique_group, unique_topic, out2)
+    proc = _spawn(kafka_broker.bootstrap, unique_group, unique_topic, out2, src)
     time.sleep(3)
     _finish(proc)
     assert read_lines(out2) == []
@@ -109,8 +114,9 @@ STALL_MESSAGES = int(os.environ.get("KFAST_STALL_MESSAGES", "200000"))
 STALL_SECONDS = float(os.environ.get("KFAST_STALL_SECONDS", "12"))
 
 
+@pytest.mark.parametrize("source", SOURCES)
 def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
-    kafka_broker, unique_topic, unique_group, tmp_path
+    kafka_broker, unique_topic, unique_group, tmp_path, source
 ):
     n = STALL_MESSAGES
     kafka_broker.create_topic(unique_topic, partitions=4)
@@ -133,6 +139,7 @@ def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
         str(stall),
         "--max-poll-ms",
         "8000",
+        f"--source={source}",
     )
     assert proc.stdout is not None
     baseline = int(proc.stdout.readline().split()[1])
@@ -153,7 +160,7 @@ def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
     assert sorted(ids) == list(range(n))
     print(f"produce {t_produce:.1f} s, drain after stall {t_drain:.1f} s")
     print(
-        f"stalled sink {STALL_SECONDS:.0f} s: backlog {n} x ~{pad + 10} B, memory_limit {limit >> 20} MiB, baseline "
+        f"stalled sink {STALL_SECONDS:.0f} s ({source}): backlog {n} x ~{pad + 10} B, memory_limit {limit >> 20} MiB, baseline "
         f"{baseline / 2**20:.1f} MiB, peak RSS {peak / 2**20:.1f} MiB, pauses {metrics['pauses']}"
     )
     assert metrics["pauses"] >= 1 and metrics["resumes"] >= 1
