@@ -17,7 +17,9 @@
     schema = "orders.avsc"      # avro: path (relative to this file), JSON string or table
     # writer_schema = "orders-v1.avsc"
     # protobuf: message = "package.module:MessageClass"
-    # confluent: registry_url = "http://registry:8081"
+    # confluent: registry_url = "http://registry:8081", reader_schema = "orders.avsc" or
+    #            subject = "orders-value"; [decoder.registry] "basic.auth.user.info" = "u:p",
+    #            timeout = 5 (confluent-kafka SchemaRegistryClient settings)
 
     [sink]
     type = "postgres"           # postgres | null | callable
@@ -147,14 +149,26 @@ def _decoder(spec: dict[str, Any], base: Path) -> Any:
         message = _import_object(str(spec.pop("message")), "[decoder].message")
         return _construct(ProtobufDecoder, {"message": message, **spec}, "decoder")
     if kind == "confluent":
-        from kfast.confluent import ConfluentDecoder
+        from kfast.confluent import ConfluentDecoder, RegistryClient
 
+        # [decoder.registry]: confluent-kafka SchemaRegistryClient's settings ("url",
+        # "basic.auth.user.info", "bearer.auth.token", "ssl.ca.location", "timeout", ...);
+        # registry_url is a shorthand for its "url"
+        registry = spec.pop("registry", {})
+        if not isinstance(registry, dict):
+            raise ConfigError("[decoder].registry: expected a table of schema registry settings")
+        registry = dict(registry)
         url = spec.pop("registry_url", None)
-        if not url:
+        if url is not None:
+            if "url" in registry:
+                raise ConfigError("[decoder]: registry_url and registry.url are the same setting")
+            registry["url"] = url
+        if not registry.get("url"):
             raise ConfigError("[decoder].registry_url: required for type = 'confluent'")
-        from confluent_kafka.schema_registry import SchemaRegistryClient
-
-        registry = SchemaRegistryClient({"url": url})
+        try:
+            registry = RegistryClient(registry)
+        except ConfigError as exc:
+            raise ConfigError(f"[decoder].registry: {exc}") from None
         if "reader_schema" in spec:
             spec["reader_schema"] = _schema_value(
                 spec["reader_schema"], base, "[decoder].reader_schema"
