@@ -414,7 +414,7 @@ class KfastCollector:
 
         fam = hist(
             "kfast_stage_latency_seconds",
-            "Seconds a batch spent in each stage (poll, decode, deliver, sink_write, end_to_end).",
+            "Seconds a batch spent in each stage (poll, decode, deliver, end_to_end).",
             ("stage",),
         )
         for lv, snap, _ in snaps:
