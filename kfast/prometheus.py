@@ -25,21 +25,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kfast.errors import ConfigError
+from kfast.runtime.health import STATES as _HEALTH_STATES
 
 __all__ = ["KfastCollector", "MetricsServer", "register", "serve", "unregister"]
 
 log = logging.getLogger("kfast.prometheus")
-
-_HEALTH_STATES = (
-    "starting",
-    "joining",
-    "running",
-    "backpressure",
-    "retrying",
-    "draining",
-    "stopped",
-    "failed",
-)
 
 
 def _client() -> Any:
@@ -194,8 +184,11 @@ def _cumulative_buckets(hist: Any) -> tuple[list[tuple[str, float]], float | Non
     return [(label, n) for _, label, n in out], _num(hist.get("sum"))
 
 
-def _health(pipe: Any) -> tuple[str, bool, bool, dict[str, Any]]:
+def _health(pipe: Any, snap: Mapping[str, Any] | None = None) -> tuple[str, bool, bool, Any]:
     """(state, live, ready, body) from ``pipe.health()``, or from metrics() without it."""
+    h = snap.get("health") if snap is not None else None
+    if isinstance(h, Mapping):  # the snapshot's own: consistent with the other families
+        return str(h.get("state", "")), bool(h.get("live")), bool(h.get("ready")), h
     health = getattr(pipe, "health", None)
     if callable(health):
         h = health()
@@ -431,8 +424,8 @@ class KfastCollector:
         )
         live_fam = gauge("kfast_live", "1 while the pipeline is live (not failed).")
         ready_fam = gauge("kfast_ready", "1 while the pipeline is ready (consuming normally).")
-        for lv, _, p in snaps:
-            state, live, ready, _body = _health(p)
+        for lv, snap, p in snaps:
+            state, live, ready, _body = _health(p, snap)
             states = _HEALTH_STATES if state in _HEALTH_STATES else (*_HEALTH_STATES, state)
             for s in states:
                 state_fam.add_metric([*lv, s], 1.0 if s == state else 0.0)

@@ -246,3 +246,17 @@ def test_scrape_error_answers_500_and_server_survives() -> None:
     with kprom.serve(Broken(), 0) as server:
         assert get(server.url + "/metrics")[0] == 500
         assert get(server.url + "/healthz")[0] == 200
+
+
+def test_health_families_read_the_same_snapshot() -> None:
+    class Snap(FakePipe):
+        def metrics(self) -> dict[str, Any]:
+            m = super().metrics()
+            m["health"] = {"state": "backpressure", "live": True, "ready": True}
+            return m
+
+    reg = CollectorRegistry()
+    kprom.register(Snap("failed"), reg)  # health() would say failed; the snapshot wins
+    fams = families(reg)
+    assert samples(fams["kfast_health_state"])[(("state", "backpressure"),)] == 1.0
+    assert samples(fams["kfast_live"]) == {(): 1.0}
