@@ -55,6 +55,7 @@ from kfast.runtime.poll import PollLoop
 from kfast.runtime.source import Source, consumer_config
 from kfast.runtime.stats import DecodeStats, DeliverStats, PollStats, percentiles
 from kfast.sinks import CallableSink, PipelineInfo
+from kfast.sinks.async_sink import AsyncSinkAdapter, is_async_sink
 
 __all__ = ["Pipeline"]
 
@@ -127,7 +128,10 @@ class Pipeline:
                 f"decoder: expected a kfast decoder (AvroDecoder, ProtobufDecoder, ...), "
                 f"got {type(decoder).__name__}"
             )
-        if callable(sink) and not hasattr(sink, "write"):
+        if is_async_sink(sink):
+            # awaited for real: on the host's loop under run_async(), else on a loop of its own
+            sink = AsyncSinkAdapter(sink)
+        elif callable(sink) and not hasattr(sink, "write"):
             sink = CallableSink(sink)
         if not callable(getattr(sink, "write", None)):
             raise ConfigError(
@@ -404,6 +408,8 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
     def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Async sinks run on the host's loop under ``run_async()``/``async with``."""
+        if isinstance(self.sink, AsyncSinkAdapter):
+            self.sink.bind_loop(loop)
 
     def _wait_done(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
