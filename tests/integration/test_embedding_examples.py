@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from runtime_util import encode, wait_until
 
 pytestmark = pytest.mark.integration
@@ -150,6 +151,11 @@ def _check_serving(proc: subprocess.Popen, log: Path, url: str, states: set[str]
     assert status == 200 and body["live"] is True
     assert body["state"] in ("running", "backpressure")
     assert body["assigned_partitions"] == PARTITIONS
+    # the app's own registry, with kfast's collector in it
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    assert fams["kfast_rows_written"].type == "counter"
+    assert [s.value for s in fams["kfast_ready"].samples] == [1.0]
 
 
 def test_starlette_app_under_uvicorn_sigterm(
