@@ -205,6 +205,8 @@ class PollLoop:
                 if topic not in self.health.missing_topics:
                     log.warning("topic %r does not exist: %s", topic, err.str())
                 self.health.missing_topics[topic] = err.str()
+                if self.health.broker_reachable is not True:
+                    self._broker_back()  # a broker answered that
                 continue
             suppressed = self._throttle.allow(("consume", err.code()))
             if suppressed is not None:
