@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
-from runtime_util import SCHEMA
+from runtime_util import SCHEMA, Recorder, Runner, pipeline, produce_ids, wait_until
 
 import kfast
 from kfast._batch import Batch
@@ -155,3 +155,54 @@ def test_compiled_source_routes_librdkafka_logs_to_logging(
     lines = [r for r in caplog.records if r.name == "kfast.kafka"]
     assert lines, "no librdkafka log line reached logging"
     assert any("CGRP" in r.getMessage() for r in lines)
+
+
+def test_compiled_source_survives_a_broker_restart(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group
+):
+    """The broker crashes and restarts under load: the compiled source reconnects, nothing is lost
+    and the commits reach the end of the topic (the confluent source's proof is
+    test_sink_broker_restart.py)."""
+    if kafka_broker.external:
+        pytest.fail("this test restarts the broker: unset KFAST_TEST_BOOTSTRAP")
+    n1, n2, parts = 10_000, 2_000, 4
+    kafka_broker.create_topic(unique_topic, partitions=parts)
+    produce_ids(kafka_broker, unique_topic, 0, n1, parts)
+    rec = Recorder(delay=0.005)
+    pipe = pipeline(
+        # reconnect within a second of the broker's return (the default backs off to 10 s)
+        kafka_consumer_config(unique_group, **{"reconnect.backoff.max.ms": 1000}),
+        unique_topic,
+        rec,
+        source="compiled",
+        memory_limit="64MiB",
+        buffer=kfast.BufferPolicy(max_messages=2_000),
+        commit_interval=0.2,
+    )
+    r = Runner(pipe)
+    try:
+        wait_until(lambda: rec.count() >= 1_000 or not r.thread.is_alive(), 60, "first rows")
+        assert len(set(rec.ids())) < n1, "everything was delivered before the restart"
+        kafka_broker.kill()  # a crash: the quickest restart there is
+        kafka_broker.start()
+        produce_ids(kafka_broker, unique_topic, n1, n2, parts)
+        wait_until(
+            lambda: len(set(rec.ids())) >= n1 + n2 or not r.thread.is_alive(), 120, "all ids"
+        )
+        wait_until(
+            lambda: (
+                sum(
+                    pipe.metrics()["commits"]["partitions"][k]["committed"]
+                    for k in pipe.metrics()["commits"]["partitions"]
+                )
+                >= n1 + n2
+                or not r.thread.is_alive()
+            ),
+            60,
+            "commits at the end of the topic",
+        )
+    finally:
+        r.stop()
+    ids = rec.ids()
+    assert set(ids) == set(range(n1 + n2)), f"lost {n1 + n2 - len(set(ids))} messages"
+    assert pipe.metrics()["ring"]["gaps"] == 0
