@@ -6,7 +6,7 @@
     memory_limit = "256MiB"
     drain_timeout = 30          # optional; also revoke_timeout, commit_interval,
                                 # poll_batch, poll_timeout, partitions, metrics_port,
-                                # startup_timeout
+                                # startup_timeout, source ("confluent" | "compiled")
 
     [kafka]                     # librdkafka settings, passed through
     "bootstrap.servers" = "127.0.0.1:9092"
@@ -68,6 +68,7 @@ _PIPELINE_KEYS = {
     "partitions",
     "metrics_port",
     "startup_timeout",
+    "source",
 }
 _SECTIONS = {"kafka", "decoder", "sink", "batch", "buffer", "retry", "dlq"}
 

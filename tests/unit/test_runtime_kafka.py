@@ -157,3 +157,18 @@ def test_pipeline_source_option_is_validated():
         kfast.Pipeline(conf, ["t"], kfast.AvroDecoder("long"), kfast.NullSink(), source="rdkafka")
     pipe = kfast.Pipeline(conf, ["t"], kfast.AvroDecoder("long"), kfast.NullSink())
     assert pipe.source == "confluent"
+
+
+def test_cli_config_selects_the_source(tmp_path):
+    from kfast.cli.config import build_pipeline
+
+    doc = {
+        "topics": ["t"],
+        "source": "compiled" if SUPPORTED else "confluent",
+        "kafka": {"bootstrap.servers": DEAD, "group.id": "g"},
+        "decoder": {"type": "avro", "schema": '"long"'},
+        "sink": {"type": "null"},
+    }
+    assert build_pipeline(doc, tmp_path).source == doc["source"]
+    with pytest.raises(ConfigError, match="source"):
+        build_pipeline({**doc, "source": "nope"}, tmp_path)
