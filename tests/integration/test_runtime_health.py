@@ -103,3 +103,61 @@ def test_normal_run_backpressure_and_early_lag(
         pipe.close()
     pipe.join()
     assert pipe.health().state == "stopped"
+
+
+def test_postgres_down_at_start_then_mid_run(
+    pg_server, pg_dsn, kafka_broker, kafka_consumer_config, unique_topic, unique_group, caplog
+):
+    """PostgreSQL down at start is retried like a write (health 'starting'), then down
+    mid-run ('retrying'); both are logged, nothing is lost."""
+    import logging
+
+    import psycopg
+
+    from kfast.sinks.postgres import PostgresSink
+
+    kafka_broker.create_topic(unique_topic, partitions=1)
+    produce_ids(kafka_broker, unique_topic, 0, 1000, 1)
+    table = "health_events"
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, name text)")
+
+    def rows() -> int:
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
+            return int(row[0]) if row else 0
+
+    caplog.set_level(logging.INFO, logger="kfast.retry")
+    retry = kfast.RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.2, deadline=60)
+    pg_server.stop()
+    pipe = pipeline(
+        kafka_consumer_config(unique_group),
+        unique_topic,
+        PostgresSink(pg_dsn, table, mode="upsert", key="id"),
+        retry=retry,
+        commit_interval=0.1,
+    )
+    pipe.start()
+    try:
+        wait_until(lambda: "sink open" in pipe.health().reason, 30, "open retried")
+        h = pipe.health()
+        assert h.state == "starting" and "TransientSinkError" in h.reason and h.live
+        pg_server.start()
+        wait_until(lambda: pipe.health().ready, 60, "ready after PostgreSQL came up")
+        wait_until(lambda: rows() == 1000, 60, "rows")
+        pg_server.stop()
+        produce_ids(kafka_broker, unique_topic, 1000, 1000, 1)
+        wait_until(lambda: pipe.health().state == "retrying", 30, "retrying mid-run")
+        assert "sink write" in pipe.health().reason and not pipe.health().ready
+        pg_server.start()
+        wait_until(lambda: pipe.health().state == "running", 60, "running again")
+        wait_until(lambda: rows() == 2000, 60, "rows after the outage")
+    finally:
+        pipe.close()  # (a server left stopped is started again by kfast.testing)
+    pipe.join()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "kfast.retry"]
+    assert any(m.startswith("sink open failed") and "attempt 1" in m for m in msgs), msgs
+    assert any(m.startswith("sink write failed") and "attempt 1" in m for m in msgs), msgs
+    assert sum("succeeded again" in m for m in msgs) >= 2
+    assert len(msgs) < 20  # rate-limited: a few lines per outage, not one per attempt
