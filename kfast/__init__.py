@@ -19,7 +19,9 @@ from kfast.errors import (
     KfastError,
     PermanentSinkError,
     RetryExhausted,
+    SchemaRegistryUnavailable,
     SinkError,
+    StartupTimeout,
     Stopped,
     TransientSinkError,
     UnknownSchemaId,
@@ -32,6 +34,7 @@ _LAZY = {
     "ConfluentDecoder": "kfast.confluent",
     "ProtobufDecoder": "kfast.protobuf",
     "Pipeline": "kfast.runtime.pipeline",
+    "Health": "kfast.runtime.health",
     "BatchPolicy": "kfast.runtime.policies",
     "BufferPolicy": "kfast.runtime.policies",
     "RetryPolicy": "kfast.retry",
@@ -52,7 +55,9 @@ __all__ = [
     "PermanentSinkError",
     "RetryExhausted",
     "RowError",
+    "SchemaRegistryUnavailable",
     "SinkError",
+    "StartupTimeout",
     "Stopped",
     "TransientSinkError",
     "UnknownSchemaId",
@@ -76,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers
     from kfast.dlq import DeadLetterPolicy as DeadLetterPolicy
     from kfast.protobuf import ProtobufDecoder as ProtobufDecoder
     from kfast.retry import RetryPolicy as RetryPolicy
+    from kfast.runtime.health import Health as Health
     from kfast.runtime.pipeline import Pipeline as Pipeline
     from kfast.runtime.policies import BatchPolicy as BatchPolicy
     from kfast.runtime.policies import BufferPolicy as BufferPolicy
