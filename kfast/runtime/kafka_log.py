@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["KAFKA_LOGGER", "KafkaLogAdapter", "Throttle", "kafka_logger_config"]
 
@@ -81,7 +81,13 @@ class Throttle:
         return int(entry[1]) if entry is not None else 0
 
 
-class KafkaLogAdapter(logging.LoggerAdapter[logging.Logger]):
+if TYPE_CHECKING:
+    _LoggerAdapter = logging.LoggerAdapter[logging.Logger]
+else:  # subscriptable at run time only from Python 3.11
+    _LoggerAdapter = logging.LoggerAdapter
+
+
+class KafkaLogAdapter(_LoggerAdapter):
     """The ``logger=`` object handed to confluent-kafka: one librdkafka line per ``log``.
 
     confluent-kafka calls ``logger.log(level, "%s [%s] %s", facility, client
