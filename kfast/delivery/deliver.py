@@ -58,10 +58,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from kfast.delivery.isolation import isolate
+from kfast.delivery.isolation import KEY_STATES, isolate
 from kfast.delivery.letters import Letters
 from kfast.delivery.metrics import DeliveryMetrics
-from kfast.delivery.slices import Slices, located
+from kfast.delivery.slices import Slices
 from kfast.dlq import CircuitBreaker, DeadLetterPolicy, DeadLetterQueue
 from kfast.errors import DecodeError, PermanentSinkError
 from kfast.retry import Retrier, RetryPolicy
@@ -97,6 +97,8 @@ class Delivery:
         )
         self.breaker = CircuitBreaker(dlq) if dlq else None
         self.clock = clock
+        self.dirty = False  # the last batch had rows the sink rejected
+        self.dirty_keys = False  # ... and some of them broke a unique or foreign key
 
     def deliver(self, batch: Batch, stop_event: threading.Event) -> None:
         _Run(self, batch, stop_event).go()
@@ -160,6 +162,8 @@ class _Run:
             letters.confirm()
             d._write(batch.slice(0, 0), self.stop)  # the whole batch's offsets, no rows
         letters.confirm()
+        d.dirty = len(letters.dead_inputs) > len(batch.errors)  # rows the sink rejected
+        d.dirty_keys = bool(letters.sink_states & KEY_STATES)
         if d.breaker is not None:
             n = batch.num_rows + len(batch.errors)
             d.breaker.record(n, sorted(letters.dead_inputs))
@@ -167,15 +171,35 @@ class _Run:
     def _write_rows(self) -> None:
         """Write the batch; on a permanent failure isolate the bad rows.
 
-        With a sink that offers row transactions and an error that locates its row, the
-        isolation runs in one sink transaction (:func:`kfast.delivery.isolation.isolate`);
-        otherwise, or if that finds a located row that is fine alone, slice by slice
-        (:class:`kfast.delivery.slices.Slices`), continuing from the first failure.
+        With a sink that offers row transactions the isolation runs in one sink
+        transaction (:func:`kfast.delivery.isolation.isolate`: the sink's set-based screen,
+        else probes from the error's row locator); otherwise, or if that finds a located row
+        that is fine alone or cannot go on, slice by slice
+        (:class:`kfast.delivery.slices.Slices`), continuing from the first failure. After a
+        batch with bad rows the next one is screened before any plain write.
         """
         d, n, letters = self.d, self.batch.num_rows, self.letters
         if not d.hooks.has_row_transaction:
             self.slices.write_range(0, n, 0)
             return
+        if d.dirty and d.queue is not None:
+            # The previous batch had bad rows: this one likely has some too, so screen it
+            # first instead of paying for a plain write that fails part way (a clean batch
+            # is then written in the same transaction after the screen found nothing).
+            if letters.first_failure is None:
+                letters.first_failure = d.clock()
+            if isolate(
+                self.batch,
+                None,
+                d.hooks.row_transaction,
+                letters,
+                d.retrier,
+                d.metrics,
+                self.stop,
+                self.eo,
+                keys=d.dirty_keys,
+            ):
+                return
         if self.eo:
             letters.confirm()  # the write stores the batch's offsets: dead letters first
         try:
@@ -184,19 +208,20 @@ class _Run:
         except PermanentSinkError as exc:
             letters.failed(exc, 0, n)
             first = exc
-        if located(first, 0, n) is not None:
-            done = isolate(
-                self.batch,
-                first,
-                d.hooks.row_transaction,
-                letters,
-                d.retrier,
-                d.metrics,
-                self.stop,
-                self.eo,
-            )
-            if done:
-                return
-            if done is False:
-                self.slices.hints = False  # a located row was fine alone: bisect instead
+        # The sink's transaction screens the rows, or follows the locator, or gives up at
+        # once (no locator, nothing screened): then slice by slice.
+        done = isolate(
+            self.batch,
+            first,
+            d.hooks.row_transaction,
+            letters,
+            d.retrier,
+            d.metrics,
+            self.stop,
+            self.eo,
+        )
+        if done:
+            return
+        if done is False:
+            self.slices.hints = False  # a located row was fine alone: bisect instead
         self.slices.write_range(0, n, 0, known=first)

@@ -24,7 +24,11 @@ from kfast.retry import Retrier
 if TYPE_CHECKING:  # pragma: no cover
     from kfast._batch import Batch
 
-__all__ = ["GiveUp", "Isolation", "RowTransaction", "isolate"]
+__all__ = ["KEY_STATES", "GiveUp", "Isolation", "RowTransaction", "isolate"]
+
+
+# A key violation depends on other rows: unique (in the batch or the table), foreign key.
+KEY_STATES = frozenset({"23505", "23503"})
 
 
 class RowTransaction(Protocol):
@@ -37,20 +41,28 @@ class RowTransaction(Protocol):
     def write(self, ranges: list[tuple[int, int]]) -> None: ...
     def probe(self, ranges: list[tuple[int, int]]) -> None: ...
     def row_only(self, exc: PermanentSinkError) -> bool: ...
+    def screen(
+        self, ranges: list[tuple[int, int]], keys: bool
+    ) -> dict[int, PermanentSinkError] | None: ...
+    def write_screened(self, skip: list[int]) -> None: ...
     def commit(self) -> None: ...
 
 
 def isolate(
     batch: Batch,
-    first: PermanentSinkError,
+    first: PermanentSinkError | None,
     factory: Callable[[Batch], RowTransaction | None],
     letters: Letters,
     retrier: Retrier,
     metrics: DeliveryMetrics,
     stop: threading.Event,
     eo: bool,
+    keys: bool = False,
 ) -> bool | None:
     """Isolate in one sink transaction, retried as a whole on transient errors.
+
+    ``keys``: screen key rules (unique, foreign key) from the start (the previous batch
+    had key violations).
 
     True: committed. False: a located row was not bad after all (nothing committed).
     None: no transaction for this batch, or a failure without a locator (nothing
@@ -61,7 +73,7 @@ def isolate(
     def op() -> None:
         nonlocal outcome
         t0 = time.perf_counter()
-        outcome = _isolate_once(batch, first, factory, letters, metrics, eo)
+        outcome = _isolate_once(batch, first, factory, letters, metrics, eo, keys)
         metrics.latency(time.perf_counter() - t0)
 
     def on_retry(_attempt: int, _exc: BaseException, _delay: float) -> None:
@@ -74,11 +86,12 @@ def isolate(
 
 def _isolate_once(
     batch: Batch,
-    first: PermanentSinkError,
+    first: PermanentSinkError | None,
     factory: Callable[[Batch], RowTransaction | None],
     letters: Letters,
     metrics: DeliveryMetrics,
     eo: bool,
+    keys: bool,
 ) -> bool | None:
     n = batch.num_rows
     try:
@@ -90,7 +103,7 @@ def _isolate_once(
     mark = letters.mark()
     try:
         with txn:
-            iso = Isolation(txn, n, batch.source_indices, letters.check, metrics)
+            iso = Isolation(txn, n, batch.source_indices, letters.check, metrics, keys)
             try:
                 iso.isolate(first)
             except GiveUp as stop:
@@ -125,6 +138,13 @@ def _count(ranges: list[tuple[int, int]]) -> int:
 class Isolation:
     """Isolate the bad rows of a batch inside one sink transaction (``RowTransaction``).
 
+    0. **Screen** (when the transaction offers one, ``txn.screen``): every row the sink
+       would reject is found set-based at once (PostgreSQL: NOT NULL, CHECK, length,
+       numeric overflow, unique keys in the batch and against the table, foreign keys),
+       then every other row is written from the staging table in one statement
+       (``txn.write_screened``): a COPY and a few queries whatever the number of bad rows,
+       no probe, no row tried alone. If that still fails (something the screen does not
+       judge), the screen's results are dropped and steps 1-3 run.
     1. **Probe**: while the last failure is one its row raises on its own
        (``txn.row_only``: a CHECK, NOT NULL or data error) at a located row, exclude
        that row and probe the rows after it to find the next one (``txn.probe``: a COPY
@@ -161,8 +181,10 @@ class Isolation:
         source_indices: Any,
         check: BatchCheck | None,
         metrics: DeliveryMetrics,
+        keys: bool = False,
     ) -> None:
         self.txn = txn
+        self.keys = keys  # screen the key rules from the start
         self.metrics = metrics
         self.n = n
         self.skip: list[int] = []  # sorted rows not to write: excluded or dead
@@ -174,11 +196,63 @@ class Isolation:
         self.check = check.copy() if check is not None else None
         self.src = memoryview(source_indices)
 
-    def isolate(self, first: PermanentSinkError) -> None:
-        """Steps 1-3 (the caller commits); raises ``GiveUp``."""
+    def isolate(self, first: PermanentSinkError | None) -> None:
+        """Steps 0-3 (the caller commits); raises ``GiveUp``. ``first``: the failure of the
+        batch's plain write, or None when it was not tried (the screen goes first)."""
+        if self._screen(first):
+            return
+        if first is None:  # not screened: COPY the batch, as its plain write would
+            try:
+                self.txn.copy([(0, self.n)], keep=True)
+                self.kept += 1
+                return
+            except PermanentSinkError as exc:
+                self.metrics.add("sink_errors")
+                first = exc
         seed = self._probe(first)
         self._in_order(seed)
         self._confirm_excluded()
+
+    def _screen(self, first: PermanentSinkError | None) -> bool:
+        """Step 0. True when the screened rows are dead and every other row is written;
+        else nothing is kept.
+
+        The rules a row breaks on its own are screened first; the key rules (unique, foreign
+        key: a pass over indexes) only when the batch's failure, or the insert after the
+        first screen, is a key violation."""
+        screen = getattr(self.txn, "screen", None)  # a sink's own transaction may have none
+        if not callable(screen):
+            return False
+        keys = self.keys or (first is not None and first.sqlstate in KEY_STATES)
+        attempts = 1 if first is None else 2
+        while True:
+            found = screen([(0, self.n)], keys)
+            if found is None:
+                return False
+            if not found and first is not None:
+                if keys:
+                    return False  # the screen explains nothing of the failure
+                keys = True
+                continue
+            check = self.check.copy() if self.check is not None else None
+            for row in sorted(found):
+                self._kill(row, found[row], attempts)
+            try:
+                self.txn.write_screened(sorted(found))
+            except PermanentSinkError as exc:
+                # Something the screen did not judge failed: its results may depend on
+                # that row (a key it would have taken), so all of them are dropped.
+                self.metrics.add("sink_errors")
+                self.dead.clear()
+                self.skip.clear()
+                self.check = check
+                if not keys and exc.sqlstate in KEY_STATES:
+                    keys = True
+                    continue
+                return False
+            self.kept += 1
+            self.metrics.add("located", len(found))
+            return True
 
     def _exclude(self, row: int) -> None:
         bisect.insort(self.skip, row)

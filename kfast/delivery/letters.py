@@ -57,6 +57,7 @@ class Letters:
         self.pending: list[DeadLetter] = []
         self.produced: list[DeadLetter] = []
         self.dead_inputs: list[int] = []
+        self.sink_states: set[str] = set()  # SQLSTATEs of the rows the sink rejected
 
     def failed(self, exc: PermanentSinkError, start: int, stop: int) -> None:
         """Bookkeeping of a permanent write failure; raises without a DeadLetterPolicy."""
@@ -143,6 +144,8 @@ class Letters:
     def dead_row(self, row: int, exc: PermanentSinkError, attempts: int, note: bool = True) -> None:
         """The dead letter of batch row ``row`` (stage ``sink``)."""
         src = memoryview(self.batch.source_indices)[row]
+        if exc.sqlstate:
+            self.sink_states.add(exc.sqlstate)
         self.dead(src, "sink", error_class(exc), str(exc), attempts, exc.sqlstate, note)
 
     def mark(self) -> tuple[int, int]:

@@ -92,6 +92,7 @@ class PollLoop:
         self._assignment_changed = False
         self._closing = False
         self._lag_due = 0.0
+        self._stats_seen = 0
         self._throttle = Throttle()
 
     # ------------------------------------------------------------------ loop
@@ -160,7 +161,8 @@ class PollLoop:
     def _update_health(self) -> None:
         src = self._src()
         h = self.health
-        if src.stats_received:
+        if src.stats_received != self._stats_seen:  # new librdkafka statistics
+            self._stats_seen = src.stats_received
             h.lag = src.lag_total()
             self._lag_due = 0.0
             if src.brokers_up and h.broker_reachable is not True:

@@ -43,6 +43,9 @@ class Connections:
         self.staged: set[int] = set()  # id() of connections that hold the staging table
         # id() of a connection -> it holds the probe table (False: it could not create one)
         self.probe_tables: dict[int, bool] = {}
+        # id() of a connection -> the column types of its screening table (False: it could
+        # not make one)
+        self.screen_tables: dict[int, str | bool] = {}
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -72,6 +75,7 @@ class Connections:
         if conn is not None:
             self.staged.discard(id(conn))
             self.probe_tables.pop(id(conn), None)
+            self.screen_tables.pop(id(conn), None)
             try:
                 conn.close()
             except Exception:  # pragma: no cover - closing a broken socket

@@ -8,10 +8,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from kfast.errors import ConfigError, KfastError, PermanentSinkError
+from kfast.errors import ConfigError, KfastError, PermanentSinkError, TransientSinkError
 from kfast.sinks._pgcopy import EncodeError
 from kfast.sinks.postgres.connection import Connections
 from kfast.sinks.postgres.exactly_once import clip
+from kfast.sinks.postgres.screen import Screener
 from kfast.sinks.postgres.sqlstate import classify, copy_row_hint, row_only_state
 
 __all__ = ["RowTransaction"]
@@ -43,6 +44,12 @@ class RowTransaction:
       the sink could create it (``LIKE`` the table: its CHECK and NOT NULL constraints,
       defaults, generated and identity columns, no index, no trigger), else the table.
       Cheaper than the table (no index, no WAL) and it leaves no dead rows there.
+    * ``screen(ranges, keys=True)``: every row of ``ranges`` the table would reject, with
+      its error, found set-based (see :mod:`kfast.sinks.postgres.screen`), or None when
+      the table cannot be screened (user triggers, partitioned, no TEMP privilege, a value
+      kfast cannot encode). Nothing is written to the table: one COPY into a staging table.
+    * ``write_screened(skip)``: the staged rows but ``skip`` into the table, in one
+      ``INSERT ... SELECT`` (no COPY line: a failure has no row).
     * ``row_only(exc)``: True when ``exc`` is an error the blamed row raises on its own,
       whatever else is written (see ``sqlstate.row_only_state``; never with user triggers).
     * ``commit()``: in exactly_once mode store the batch's ``next_offsets`` (the whole
@@ -68,6 +75,7 @@ class RowTransaction:
         triggers: bool,
         store_offsets: Callable[[psycopg.Connection[Any]], None] | None,
         release: Callable[[], None],
+        screener: Screener | None = None,
     ) -> None:
         self._conns = conns
         self._slot = slot
@@ -78,6 +86,9 @@ class RowTransaction:
         self._triggers = triggers
         self._store = store_offsets
         self._release = release
+        self._screener = screener
+        self._staged = False  # screened rows staged inside the open savepoint
+        self._stage_used = False  # the staging table holds rows of an earlier insert
         self._stmt = stmt
         self._probe_stmt = probe_stmt if probe_stmt is not None else stmt
         self._savepoint = False  # a savepoint named _SAVEPOINT is open
@@ -105,6 +116,74 @@ class RowTransaction:
         if isinstance(exc.__cause__, EncodeError):
             return True  # kfast cannot encode the value: nothing else matters
         return not self._triggers and row_only_state(exc.sqlstate)
+
+    def screen(
+        self, ranges: Sequence[tuple[int, int]], keys: bool = True
+    ) -> dict[int, PermanentSinkError] | None:
+        """Rows of ``ranges`` the table would reject (batch row -> error); None: no screen.
+        ``keys=False``: only what a row breaks on its own (types, NOT NULL, CHECK). The
+        rows stay staged for :meth:`write_screened` until any other call."""
+        if not self._open:
+            raise KfastError("RowTransaction is closed")
+        if self._screener is None or self._triggers:
+            return None
+        rs = clip(ranges, self._allowed)
+        if not rs:
+            return {}
+        self._unstage()
+        self.statements += 1
+        if not self._savepoint:
+            self._execute(f"SAVEPOINT {_SAVEPOINT}")
+            self._savepoint = True
+        try:
+            if self._stage_used:
+                self._screener.clear(self._conn)
+                self._stage_used = False
+            found = self._screener.run(self._conn, rs, keys)
+        except EncodeError:
+            found = None  # a value kfast cannot encode: the probes find it
+        except psycopg.Error as exc:
+            if self._conn.broken or isinstance(classify(exc), TransientSinkError):
+                raise self._lost(exc) from exc
+            found = None  # e.g. a CHECK expression that fails on some value: no screen
+        except BaseException as exc:
+            raise self._lost(exc) from exc
+        if found is None:
+            self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        else:
+            self._staged = True
+        return found
+
+    def write_screened(self, skip: Sequence[int]) -> None:
+        """Write every row the last :meth:`screen` staged except the batch rows ``skip``,
+        kept, with one ``INSERT ... SELECT`` from the staging table. A permanent failure
+        (something the screen does not judge) rolls it back and raises
+        ``PermanentSinkError`` without a row; the transaction stays usable."""
+        if not self._open:
+            raise KfastError("RowTransaction is closed")
+        if not self._staged or self._screener is None:
+            raise KfastError("RowTransaction.write_screened without screened rows")
+        self._staged = False
+        self.statements += 1
+        try:
+            self._screener.insert(self._conn, skip)
+        except psycopg.Error as exc:
+            err = classify(exc)
+            if not isinstance(err, PermanentSinkError) or self._conn.broken:
+                raise self._lost(exc) from exc
+            self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            raise err from exc
+        except BaseException as exc:
+            raise self._lost(exc) from exc
+        self._execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        self._savepoint = False
+        self._stage_used = True
+
+    def _unstage(self) -> None:
+        """Drop rows a screen staged (rolled back with its savepoint)."""
+        if self._staged:
+            self._staged = False
+            self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
 
     def _lost(self, exc: BaseException) -> KfastError:
         """The transaction cannot continue: roll back (or drop the connection)."""
@@ -161,6 +240,7 @@ class RowTransaction:
         rs = clip(ranges, self._allowed)
         if not rs:
             return
+        self._unstage()
         self.statements += 1
         if protect and not self._savepoint:
             self._execute(f"SAVEPOINT {_SAVEPOINT}")
@@ -204,6 +284,7 @@ class RowTransaction:
         if not self._open:
             raise KfastError("RowTransaction is closed")
         try:
+            self._unstage()
             if self._store is not None:
                 self._store(self._conn)
             self._conn.commit()

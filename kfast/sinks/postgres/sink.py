@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from kfast.errors import (
     ConfigError,
@@ -46,10 +46,11 @@ from kfast.sinks._pgcopy import CopyEncoder, EncodeError
 from kfast.sinks.postgres import catalog
 from kfast.sinks.postgres.catalog import PROBE_TABLE, STAGE_TABLE, TableInfo
 from kfast.sinks.postgres.connection import Connections
-from kfast.sinks.postgres.copy import copy_rows, copy_sql, encode_error, pre_encode
+from kfast.sinks.postgres.copy import CopyTiming, copy_rows, copy_sql, encode_error, pre_encode
 from kfast.sinks.postgres.exactly_once import fence, read_offsets, store_offsets
 from kfast.sinks.postgres.plan import Plan, build_plan, table_definition
 from kfast.sinks.postgres.rows import RowTransaction
+from kfast.sinks.postgres.screen import SCREEN_TABLE, Screener, read_rules, screen_sql
 from kfast.sinks.postgres.sqlstate import classify, classify_connect, copy_row_hint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,6 +70,12 @@ class PostgresSink(Sink):
     field; mapping a nested record's path writes the whole record as one
     jsonb column. Unmapped nested fields are flattened with ``_``.
     """
+
+    # Set to a CopyTiming to sum where the write path's COPYs spend their time (benchmarks).
+    _timing: CopyTiming | None = None
+    # copy mode, one connection: the batch's COPY in autocommit (False: inside BEGIN/COMMIT,
+    # for A/B benchmarks).
+    _copy_autocommit = True
 
     def __init__(
         self,
@@ -138,6 +145,8 @@ class PostgresSink(Sink):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._opened = False
+        # The plan's encoder for the screening table (False: the layout has none).
+        self._screen_encoder: CopyEncoder | bool | None = None
         self.fenced_rows = 0  # exactly_once: rows skipped because their offset was already stored
 
     @property
@@ -240,6 +249,8 @@ class PostgresSink(Sink):
         self._plan_layout = layout
         self._conns.staged.clear()
         self._conns.probe_tables.clear()
+        self._conns.screen_tables.clear()
+        self._screen_encoder = None
         return plan
 
     # ------------------------------------------------------------ writes
@@ -257,7 +268,7 @@ class PostgresSink(Sink):
             try:
                 if self.mode == "copy":
                     copying = [(0, batch.num_rows)]
-                    self._copy_ranges(conn, 0, batch, pre, copying, self._copy_stmt(plan))
+                    self._copy_alone(conn, batch, pre, copying, self._copy_stmt(plan))
                 elif self.mode == "upsert":
                     copying = [(0, batch.num_rows)] if batch.num_rows else []
                     self._upsert(conn, batch, plan, pre, copying)
@@ -287,6 +298,31 @@ class PostgresSink(Sink):
         assert self._table_ident is not None
         return copy_sql(plan, self._table_ident)
 
+    def _copy_alone(
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        pre: Pre,
+        ranges: Sequence[tuple[int, int]],
+        stmt: sql.Composed,
+    ) -> None:
+        """A COPY that is the whole transaction, run in autocommit: one statement is atomic
+        and committed when the server reports it complete, and the server, idle during each
+        round trip, is spared two per batch (BEGIN and COMMIT)."""
+        if not self._copy_autocommit or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            self._copy_ranges(conn, 0, batch, pre, ranges, stmt)  # committed by the caller
+            return
+        conn.autocommit = True
+        try:
+            self._copy_ranges(conn, 0, batch, pre, ranges, stmt)
+        finally:
+            # A failed COPY leaves the connection idle too (its implicit transaction is
+            # gone); one that cannot go back to transactions is not reused.
+            if conn.broken or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                self._conns.drop(0)
+            else:
+                conn.autocommit = False
+
     def _copy_ranges(
         self,
         conn: psycopg.Connection[Any],
@@ -296,7 +332,7 @@ class PostgresSink(Sink):
         ranges: Sequence[tuple[int, int]],
         stmt: sql.Composed,
     ) -> None:
-        copy_rows(conn, self._encoders[i], batch, pre, ranges, stmt, self.chunk_bytes)
+        copy_rows(conn, self._encoders[i], batch, pre, ranges, stmt, self.chunk_bytes, self._timing)
 
     def _fence(self, conn: psycopg.Connection[Any], batch: Batch) -> list[tuple[int, int]]:
         ranges = fence(conn, batch, self.offsets_table, self.group_id)
@@ -424,6 +460,7 @@ class PostgresSink(Sink):
                 triggers = catalog.has_user_triggers(
                     conn, self._table.oid if self._table is not None else None
                 )
+                screen = None if triggers else self._screen_fn(conn, batch, plan, pre)
                 allowed = self._fence(conn, batch) if self.mode == "exactly_once" else None
             except psycopg.Error as exc:
                 raise self._conns.fail(0, exc) from exc
@@ -450,10 +487,57 @@ class PostgresSink(Sink):
                 triggers=triggers,
                 store_offsets=store if self.mode == "exactly_once" else None,
                 release=self._lock.release,
+                screener=screen,
             )
         except BaseException:
             self._lock.release()
             raise
+
+    def _screen_fn(
+        self, conn: psycopg.Connection[Any], batch: Batch, plan: Plan, pre: Pre
+    ) -> Screener | None:
+        """The set-based screen of this batch on ``conn`` (see :mod:`.screen`), or None when
+        the table cannot be screened. The rules are read for every isolated batch (a
+        constraint added or dropped while the pipeline runs is seen at once); the staging
+        table is made once per connection and column types (DDL in its own transaction)."""
+        if self._table is None or self._screen_encoder is False:
+            return None
+        rules = read_rules(conn, self._table.oid, plan.columns)
+        conn.commit()
+        if rules is None:
+            return None
+        if self._screen_encoder is None:
+            try:
+                self._screen_encoder = CopyEncoder([*plan.entries, {"op": "rownum"}])
+            except ValueError:
+                self._screen_encoder = False
+                return None
+        enc = self._screen_encoder
+        assert isinstance(enc, CopyEncoder)
+        shape = ",".join(c.loose for c in rules.columns)
+        made = self._conns.screen_tables.get(id(conn))
+        if made is None or (made is not False and made != shape):
+            try:
+                conn.execute(f"DROP TABLE IF EXISTS pg_temp.{SCREEN_TABLE}")
+                conn.execute(screen_sql(rules))
+                conn.commit()
+                made = shape
+            except psycopg.Error as exc:
+                if isinstance(classify(exc), TransientSinkError):
+                    raise
+                conn.rollback()
+                made = False  # e.g. no TEMP privilege: probes instead
+            self._conns.screen_tables[id(conn)] = made
+        if made is False:
+            return None
+        stmt = copy_sql(plan, sql.Identifier("pg_temp", SCREEN_TABLE), seq=True)
+        chunk = self.chunk_bytes
+
+        def stage(c: psycopg.Connection[Any], ranges: Sequence[tuple[int, int]]) -> None:
+            copy_rows(c, enc, batch, pre, ranges, stmt, chunk)
+
+        assert self._table_ident is not None
+        return Screener(rules, self._table_ident, stage)
 
     def _ensure_probe_table(self, conn: psycopg.Connection[Any]) -> bool:
         """Create ``pg_temp.kfast_probe`` like the table (see :func:`catalog.create_probe_table`)
