@@ -188,21 +188,19 @@ def test_avro_versions_unknown_ids_and_corrupt_frames(
     id1 = reg.register_schema(f"{unique_topic}-value", Schema(json.dumps(V1), "AVRO"))
     id2 = reg.register_schema(f"{unique_topic}-value", Schema(json.dumps(V2), "AVRO"))
     lookups: list[int] = []
-    down = 777_777  # an id the registry cannot be reached for
 
     class Registry:
         def get_schema(self, schema_id: int) -> Any:
             lookups.append(schema_id)
-            if schema_id == down:
-                raise ConnectionError("connection refused")
             return reg.get_schema(schema_id)
+
+        def get_latest_version(self, subject: str) -> Any:
+            return reg.get_latest_version(subject)
 
     values = []
     for i in range(300):
         if i % 37 == 5:
             values.append(_avro(UNKNOWN_ID, V1, {"id": i, "sku": "u"}))
-        elif i % 53 == 7:
-            values.append(_avro(down, V1, {"id": i, "sku": "d"}))
         elif i % 41 == 9:
             values.append(_avro(id1, V1, {"id": i, "sku": "x"})[:-2])  # truncated body
         elif i % 43 == 11:
@@ -213,19 +211,18 @@ def test_avro_versions_unknown_ids_and_corrupt_frames(
             values.append(_avro(id2, V2, {"id": i, "sku": f"s{i}", "note": f"n{i}"}))
         else:
             values.append(_avro(id1, V1, {"id": i, "sku": f"s{i}"}))
-    # no reader schema: the first id (value 0: V2) defines the columns; V1 rows resolve to it
+    # no reader schema: the subject's newest version (V2) defines the columns
     rows, headers = _check_pipeline_matches_decode(
         kafka_broker,
         unique_topic,
         unique_group,
-        lambda: ConfluentDecoder(Registry(), max_cached_schemas=1),
+        lambda: ConfluentDecoder(Registry(), subject=f"{unique_topic}-value", max_cached_schemas=1),
         values,
     )
     assert len(rows) > 200 and rows[b"1"] == {"id": 1, "sku": "s1", "note": None}
     reasons = {h["kfast.error.message"].decode() for h in headers.values()}
     assert any(r.startswith(f"unknown schema id {UNKNOWN_ID}") for r in reasons)
-    assert any(r.startswith(f"schema registry unreachable for schema id {down}") for r in reasons)
-    assert {id1, id2, UNKNOWN_ID, down} <= set(lookups)
+    assert {id1, id2, UNKNOWN_ID} <= set(lookups)
 
 
 def test_avro_reader_schema_resolves_every_version(
@@ -268,10 +265,15 @@ def test_protobuf_schemas_from_the_registry(
         else:
             values.append(_proto(id1, o1(id=i, sku=f"s{i}").SerializeToString()))
     rows, headers = _check_pipeline_matches_decode(
-        kafka_broker, unique_topic, unique_group, lambda: ConfluentDecoder(reg), values
+        kafka_broker,
+        unique_topic,
+        unique_group,
+        lambda: ConfluentDecoder(reg, subject=f"{unique_topic}-value"),
+        values,
     )
-    assert rows[b"2"] == {"id": 2, "sku": "s2"}
-    assert rows[b"3"] == {"id": 3, "sku": "s3"}  # V2 payload read as the first type (V1)
+    # the subject's newest version (V2) is the columns' message, whatever arrives first
+    assert rows[b"2"] == {"id": 2, "sku": "s2", "price": 0.0}
+    assert rows[b"3"] == {"id": 3, "sku": "s3", "price": 0.75}
     reasons = [h["kfast.error.message"].decode() for h in headers.values()]
     assert not any("decoded as Avro" in r for r in reasons), reasons
     assert headers[b"4"]["kfast.error.message"].startswith(
@@ -306,28 +308,26 @@ def test_confluent_protobuf_decoder_is_a_pipeline_decoder(
 ) -> None:
     """``ConfluentProtobufDecoder`` on its own (compiled: the ring hands it its spans):
     the rows and dead letters equal ``decode`` on the same values, bad frames included."""
-    from kfast.protobuf import ConfluentProtobufDecoder
+    from kfast.confluent import ConfluentProtobufDecoder
 
     reg = _registry()
     id1 = reg.register_schema(f"{unique_topic}-value", Schema(PROTO_V1, "PROTOBUF"))
     id2 = reg.register_schema(f"{unique_topic}-value", Schema(PROTO_V2, "PROTOBUF"))
-    down = 888_888
     lookups: list[int] = []
 
     class Registry:
         def get_schema(self, schema_id: int) -> Any:
             lookups.append(schema_id)
-            if schema_id == down:
-                raise ConnectionError("connection refused")
             return reg.get_schema(schema_id)
+
+        def get_latest_version(self, subject: str) -> Any:
+            return reg.get_latest_version(subject)
 
     o1, o2 = _order_class(False), _order_class(True)
     values = []
     for i in range(240):
         if i % 31 == 4:
             values.append(_proto(UNKNOWN_ID, o1(id=i).SerializeToString()))
-        elif i % 53 == 9:
-            values.append(_proto(down, o1(id=i).SerializeToString()))
         elif i % 37 == 6:
             values.append(_proto(id1, b"\x12\x05ab"))  # truncated string field
         elif i % 41 == 8:
@@ -346,17 +346,16 @@ def test_confluent_protobuf_decoder_is_a_pipeline_decoder(
         kafka_broker,
         unique_topic,
         unique_group,
-        lambda: ConfluentProtobufDecoder(Registry()),
+        lambda: ConfluentProtobufDecoder(Registry(), subject=f"{unique_topic}-value"),
         values,
         max_rows=32,
     )
-    assert rows[b"2"] == {"id": 2, "sku": "s2"}
-    assert rows[b"3"] == {"id": 3, "sku": "s3"}  # V2 payload read as the first type (V1)
+    assert rows[b"2"] == {"id": 2, "sku": "s2", "price": 0.0}  # the newest version's columns
+    assert rows[b"3"] == {"id": 3, "sku": "s3", "price": 0.75}
     reasons = {k: h["kfast.error.message"].decode() for k, h in headers.items()}
     assert reasons[b"4"].startswith(f"unknown schema id {UNKNOWN_ID} (registry: ")
-    assert reasons[b"9"] == f"schema registry unreachable for schema id {down}: connection refused"
     assert reasons[b"6"].startswith("length runs past the end of the message (field 2)")
     assert reasons[b"8"] == reasons[b"10"] == reasons[b"12"]
     assert reasons[b"8"].startswith("not Confluent Protobuf framing")
     assert "does not exist" in reasons[b"14"]
-    assert {id1, id2, UNKNOWN_ID, down} <= set(lookups)
+    assert {id1, id2, UNKNOWN_ID} <= set(lookups)
