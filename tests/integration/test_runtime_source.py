@@ -89,6 +89,19 @@ def _read_all(kind: str, conf: dict[str, Any], topic: str, total: int) -> tuple[
             )
         stats = ring.stats()
         stats.pop("used_bytes")
+        # the consumer side of the interface: lag from the broker, statistics,
+        # synchronous and asynchronous commits with their results
+        ends = [(t, p, off + 1) for (t, p), rs in rows.items() for off in [rs[-1][0]]]
+        stats["lag_before_commit"] = src.query_lag(10)
+        src.commit(ends[:1], asynchronous=False)
+        src.commit(ends[1:], asynchronous=True)
+        while src.async_commits_ok < 1 or src.stats_received < 1:
+            assert time.monotonic() < deadline, f"{kind}: no commit result or statistics"
+            assert not src.async_commits_failed
+            src.consume(10, 0.1)
+        stats["lag_after_commit"] = src.query_lag(10)
+        stats["stats_lag_partitions"] = len(src.lag)
+        stats["take_commit_failures"] = src.take_commit_failures()
         return dict(rows), stats
     finally:
         src.close()
@@ -112,7 +125,9 @@ def test_both_sources_fill_the_ring_identically(
     extra = {"group.protocol": protocol} if protocol == "consumer" else {}
     results = {}
     for kind in ("confluent", "compiled"):
-        conf = kafka_consumer_config(f"{unique_group}-{kind}", **extra)
+        conf = kafka_consumer_config(
+            f"{unique_group}-{kind}", **extra, **{"statistics.interval.ms": 200}
+        )
         results[kind] = _read_all(kind, conf, unique_topic, N)
     rows_c, stats_c = results["confluent"]
     rows_k, stats_k = results["compiled"]
@@ -120,6 +135,10 @@ def test_both_sources_fill_the_ring_identically(
     for tp in rows_c:
         assert rows_k[tp] == rows_c[tp], f"{tp} differs"
     assert stats_k == stats_c
+    assert stats_c["lag_before_commit"] == N  # nothing committed yet: the whole topic
+    assert stats_c["lag_after_commit"] == 0
+    assert stats_c["stats_lag_partitions"] == PARTITIONS
+    assert stats_c["take_commit_failures"] == []
     # the data really has every shape: tombstones, empty and absent keys, headers
     assert stats_c["tombstones"] == sum(v is None for v in values)
     flat = [r for rs in rows_c.values() for r in rs]

@@ -172,3 +172,17 @@ def test_cli_config_selects_the_source(tmp_path):
     assert build_pipeline(doc, tmp_path).source == doc["source"]
     with pytest.raises(ConfigError, match="source"):
         build_pipeline({**doc, "source": "nope"}, tmp_path)
+
+
+def test_a_source_dropped_without_close_frees_librdkafka():
+    if _unsupported():
+        return
+    import gc
+
+    before = _threads()
+    src = _source()
+    src.subscribe()
+    src.consume_into(Ring(10, 1024), 10, 0.2)
+    del src
+    gc.collect()  # the source and its consumer refer to each other
+    assert _threads() == before

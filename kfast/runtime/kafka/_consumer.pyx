@@ -66,6 +66,7 @@ _SYMBOLS = (
     "resume_partitions", "seek_partitions", "commit", "topic_partition_list_new",
     "topic_partition_list_add", "topic_partition_list_destroy", "error_code",
     "error_string", "error_destroy", "fatal_error", "committed", "query_watermark_offsets",
+    "destroy_flags",
 )
 
 # The oldest librdkafka with every function above (seek_partitions: 1.6.0,
@@ -297,13 +298,13 @@ cdef class Consumer:
         self.protocol = "NONE"
 
     def __dealloc__(self):
-        # close() is the orderly path; this only frees what is left
-        cdef Py_ssize_t i
+        # close() is the orderly path; this only frees what is left, without
+        # leaving the group (that would run callbacks on a half-freed object)
         if self.queue != NULL:
             api.queue_destroy(self.queue)
         if self.rk != NULL:
             with nogil:
-                api.destroy(self.rk)
+                api.destroy_flags(self.rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
         free(self.msgs)
         free(self.hbuf)
 
@@ -617,4 +618,5 @@ cdef class Consumer:
         with nogil:
             api.destroy(rk)
         self.rk = NULL
+        self.owner = None   # no callback can come any more: break the owner <-> consumer cycle
         self._raise_pending()

@@ -37,6 +37,7 @@ cdef enum:
     ERR__FATAL = -150
     ERR__PARTITION_EOF = -191
     ERR__NOENT = -156
+    RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE = 8
 
 ctypedef struct rd_kafka_message_t:
     rd_kafka_resp_err_t err
@@ -136,3 +137,4 @@ ctypedef struct RdKafkaAPI:
                                      int) noexcept nogil
     rd_kafka_resp_err_t (*query_watermark_offsets)(rd_kafka_t*, const char*, int32_t,
                                                    int64_t*, int64_t*, int) noexcept nogil
+    void (*destroy_flags)(rd_kafka_t*, int) noexcept nogil
