@@ -6,7 +6,7 @@ through :class:`SchemaStore`, which has one cache policy and one failure vocabul
 * :class:`kfast.errors.SchemaRegistryUnavailable`: the registry could not answer (connection
   refused or reset, timeout, HTTP 5xx, 429, or any other answer that is not a schema or a
   "not found", e.g. 401/403). An outage, never bad data: the decoder raises it for the whole batch.
-* :class:`UnknownSchemaId`: the registry answered "not found" (HTTP 404, Confluent error 40403)
+* :class:`kfast.errors.UnknownSchemaId`: the registry answered "not found" (HTTP 404, Confluent error 40403)
   for that id, again after ``not_found_retries`` more asks. Only this makes row errors.
 
 The registry is a URL (or list of URLs), a dict of confluent-kafka ``SchemaRegistryClient``
@@ -30,7 +30,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from kfast.errors import ConfigError, SchemaRegistryUnavailable
+from kfast.errors import ConfigError, SchemaRegistryUnavailable, UnknownSchemaId
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -48,10 +48,6 @@ log = logging.getLogger("kfast.confluent")
 
 DEFAULT_TIMEOUT = 10.0  # seconds per request, confluent-kafka's SchemaRegistryClient default
 _NOT_FOUND_CODES = (40401, 40402, 40403)  # subject / version / schema not found
-
-
-class UnknownSchemaId(LookupError):
-    """The registry answered "not found" for a schema id (confirmed by asking again)."""
 
 
 # ------------------------------------------------------------------------------- wire header

@@ -394,3 +394,15 @@ def test_registry_answers_are_sorted_into_outage_or_not_found() -> None:
         with pytest.raises(SchemaRegistryUnavailable):
             store.get(sid)
         assert asked.count(sid) == 1
+
+
+def test_tombstones_and_foreign_payloads_cost_only_their_own_rows(http_registry: str) -> None:
+    dec = ConfluentDecoder(http_registry, reader_schema=V2)  # a URL: kfast's own client
+    good = frame(7, V1, {"id": 1})
+    batch = dec.decode([None, frame(9, V1, {"id": 2}), good, b"\x05" + good[1:], None])
+    assert batch.to_pylist() == [{"id": 1, "email": None}]
+    assert list(batch.source_indices) == [2]
+    reasons = {e.index: e.reason for e in batch.errors}
+    assert reasons[0] == reasons[4] and reasons[0].startswith("tombstone (None value)")
+    assert reasons[1] == "schema id 9 is PROTOBUF; this decoder decodes AVRO"
+    assert reasons[3].startswith("wrong magic byte")
