@@ -14,8 +14,10 @@ values) into a pyarrow array, typed from the Avro schema when there is one:
   maps are ``map<string, T>``;
 * a recursive record has no finite Arrow type: the column is its JSON text.
 
-Protobuf OBJECT values are inferred by pyarrow; when they cannot be (mixed
-shapes), the column is JSON text too.
+Protobuf OBJECT columns are typed from the field's descriptor (messages are
+structs, maps ``map<K, V>``, enums dictionaries; a recursive message is JSON
+text). An enum number outside the symbols becomes the dictionary entry of its
+decimal text.
 """
 
 from __future__ import annotations
@@ -59,10 +61,96 @@ def object_array(values: list[Any], converter: Any) -> Any:
         except _Recursive:
             return _json_array(pa, values)
         return _build(pa, schema, values)
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        return _json_array(pa, values)
+    field = getattr(converter, "field", None)
+    if field is not None:
+        try:
+            dtype = protobuf_type(pa, field, ())
+        except _Recursive:
+            return _json_array(pa, values)
+        return _typed_array(pa, values, dtype)
+    return _json_array(pa, values)
+
+
+def _plain(pa: Any, t: Any) -> Any:
+    """``t`` with dictionaries as plain strings (pyarrow builds invalid
+    dictionary children under null structs from Python values; a cast after
+    building is correct)."""
+    if pa.types.is_dictionary(t):
+        return pa.string()
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_plain(pa, f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(t.key_type, _plain(pa, t.item_type))
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_plain(pa, t.value_type)))
+    return t
+
+
+def _typed_array(pa: Any, values: list[Any], dtype: Any) -> Any:
+    plain = _plain(pa, dtype)
+    arr = pa.array([_fix(v, plain) for v in values], type=plain)
+    return arr if plain == dtype else arr.cast(dtype)
+
+
+def _fix(v: Any, t: Any) -> Any:
+    """Python values pyarrow cannot take for ``t`` as they are: enum numbers
+    outside the symbols (dictionary text) and uuid.UUID (string)."""
+    import pyarrow as pa
+
+    if v is None:
+        return None
+    if pa.types.is_string(t):
+        return v if isinstance(v, str) else str(v)
+    if pa.types.is_struct(t):
+        return {f.name: _fix(v.get(f.name), f.type) for f in t}
+    if pa.types.is_map(t):
+        return [(k, _fix(x, t.item_type)) for k, x in v.items()]
+    if pa.types.is_list(t):
+        return [_fix(x, t.value_type) for x in v]
+    return v
+
+
+def protobuf_type(pa: Any, fd: Any, stack: tuple[str, ...]) -> Any:
+    """The Arrow type of a Protobuf field as ``to_pylist`` shapes it (raises _Recursive)."""
+    msg = fd.message_type
+    if msg is not None and msg.GetOptions().map_entry:
+        key, value = msg.fields_by_number[1], msg.fields_by_number[2]
+        return pa.map_(_pb_scalar(pa, key, stack), _pb_scalar(pa, value, stack))
+    elem = _pb_scalar(pa, fd, stack)
+    return pa.list_(elem) if fd.is_repeated else elem
+
+
+def _pb_scalar(pa: Any, fd: Any, stack: tuple[str, ...]) -> Any:
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    t = fd.type
+    if t in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+        name = fd.message_type.full_name
+        if name in stack:
+            raise _Recursive()
+        inner = (*stack, name)
+        return pa.struct(
+            [pa.field(f.name, protobuf_type(pa, f, inner)) for f in fd.message_type.fields]
+        )
+    if t == FD.TYPE_ENUM:
+        return pa.dictionary(pa.int32(), pa.string())
+    return {
+        FD.TYPE_DOUBLE: pa.float64(),
+        FD.TYPE_FLOAT: pa.float32(),
+        FD.TYPE_INT64: pa.int64(),
+        FD.TYPE_SINT64: pa.int64(),
+        FD.TYPE_SFIXED64: pa.int64(),
+        FD.TYPE_UINT64: pa.uint64(),
+        FD.TYPE_FIXED64: pa.uint64(),
+        FD.TYPE_INT32: pa.int32(),
+        FD.TYPE_SINT32: pa.int32(),
+        FD.TYPE_SFIXED32: pa.int32(),
+        FD.TYPE_UINT32: pa.uint32(),
+        FD.TYPE_FIXED32: pa.uint32(),
+        FD.TYPE_BOOL: pa.bool_(),
+        FD.TYPE_STRING: pa.string(),
+        FD.TYPE_BYTES: pa.binary(),
+    }[t]
 
 
 def _json_default(value: Any) -> Any:
@@ -172,7 +260,7 @@ def _build(pa: Any, s: Any, values: list[Any]) -> Any:
     """pyarrow builds what it can; unions (which it cannot build from Python
     values) are assembled from their branches' arrays."""
     if not _has_union(s):
-        return pa.array(values, type=arrow_type(pa, s, ()))
+        return _typed_array(pa, values, arrow_type(pa, s, ()))
     t = s.type
     mask = pa.array([v is None for v in values], type=pa.bool_())
     if t == "union":

@@ -68,10 +68,22 @@ def message_to_dict(msg: Any) -> dict[str, Any]:
     return {name: get(msg) for name, get in _plan(msg.DESCRIPTOR)}
 
 
-def field_converter(parent_cls: Any, fd: Any) -> Callable[[bytes], Any]:
+class FieldConverter:
     """``raw field bytes -> value``: ``raw`` holds every occurrence of field ``fd``
     of one payload, tags included, so it parses as a ``parent_cls`` message with
-    only that field set (occurrences merge or concatenate exactly as google does)."""
-    get = _handler(fd)
-    parse = parent_cls.FromString
-    return lambda raw: get(parse(raw))
+    only that field set (occurrences merge or concatenate exactly as google does).
+    ``field`` types the column for the Arrow export (kfast._arrow)."""
+
+    __slots__ = ("_get", "_parse", "field")
+
+    def __init__(self, parent_cls: Any, fd: Any) -> None:
+        self.field = fd
+        self._get = _handler(fd)
+        self._parse = parent_cls.FromString
+
+    def __call__(self, raw: bytes) -> Any:
+        return self._get(self._parse(raw))
+
+
+def field_converter(parent_cls: Any, fd: Any) -> Callable[[bytes], Any]:
+    return FieldConverter(parent_cls, fd)
