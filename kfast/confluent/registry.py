@@ -486,7 +486,12 @@ class SchemaStore:
         getter = getattr(self.client, "get_latest_version", None)
         if getter is None:
             raise ConfigError("registry: subject= needs a client with get_latest_version(subject)")
-        return self._ask(lambda: getter(subject), None, f"subject {subject!r}")
+        try:
+            return self._ask(lambda: getter(subject), None, f"subject {subject!r}")
+        except UnknownSchemaId as exc:  # a setting that names nothing: not a row's fault
+            raise ConfigError(
+                f"subject={subject!r}: the registry has no version of it ({exc})"
+            ) from None
 
     def _lookup(self, key: tuple[Any, ...], ask: Any, schema_id: int | None) -> RegisteredSchema:
         hit = self._entries.get(key)
