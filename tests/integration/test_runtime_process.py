@@ -127,7 +127,8 @@ def test_stalled_sink_pauses_stays_in_group_and_bounds_memory(
     out = str(tmp_path / "rows.txt")
     stall = tmp_path / "stall"
     stall.touch()
-    limit = 32 << 20
+    # the issue proof: KFAST_STALL_MESSAGES=2000000 KFAST_STALL_LIMIT_MIB=48 (128, 256)
+    limit = int(os.environ.get("KFAST_STALL_LIMIT_MIB", "32")) << 20
     proc = _spawn(
         kafka_broker.bootstrap,
         unique_group,
