@@ -8,7 +8,10 @@ Each round writes, into fresh copies of the order table (PK, NOT NULL, CHECK (qu
 * ``dup``: K rows whose primary key is already in the table (unique violations);
 * ``clean_after_check``: a clean batch right after a batch with CHECK violations;
 
-through ``kfast.delivery.Delivery`` with a DeadLetterPolicy whose producer is replaced by an
+in two variants, interleaved: ``screen`` (the sink as shipped: set-based screen of the bad
+rows, and after a bad batch the next one screened before any plain write) and ``probes``
+(the same sink with the screen hidden: isolation by probes and COPY-line locators, each
+batch written plainly first), through ``kfast.delivery.Delivery`` with a DeadLetterPolicy whose producer is replaced by an
 in-memory queue (this measures the sink side; the DLQ producer overlaps with the writes).
 Each timed batch follows one untimed batch of the same kind through the same sink (steady
 state: connections, plans and temp tables made, the sink knows the last batch had bad rows).
@@ -87,7 +90,36 @@ def payloads(case: str, n: int, k: int, base: int) -> list[bytes]:
     return out
 
 
-def run_case(dsn: str, case: str, n: int, k: int, table: str) -> tuple[float, float, int]:
+class _NoScreen:
+    """The sink's row transaction without its set-based screen: isolation by probes and
+    locators only (the algorithm before the screen existed), for the side-by-side run."""
+
+    def __init__(self, txn: Any) -> None:
+        self.txn = txn
+
+    def __enter__(self) -> Any:
+        self.txn.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.txn.__exit__(*exc)
+
+    def screen(self, ranges: Any, keys: bool = True) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.txn, name)
+
+
+class _ProbeSink(PostgresSink):
+    def row_transaction(self, batch: Any) -> Any:
+        txn = super().row_transaction(batch)
+        return None if txn is None else _NoScreen(txn)
+
+
+def run_case(
+    dsn: str, case: str, n: int, k: int, table: str, screen: bool = True
+) -> tuple[float, float, int]:
     warm = "check" if case == "clean_after_check" else case
     timed = "clean" if case == "clean_after_check" else case
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -101,7 +133,7 @@ def run_case(dsn: str, case: str, n: int, k: int, table: str) -> tuple[float, fl
                     (base + n // (2 * k), base + n - 1, n // k),
                 )
         c.execute(f"VACUUM ANALYZE {table}")
-    sink = PostgresSink(dsn, table)
+    sink = PostgresSink(dsn, table) if screen else _ProbeSink(dsn, table)
     d = Delivery(
         sink,
         RetryPolicy(),
@@ -112,6 +144,8 @@ def run_case(dsn: str, case: str, n: int, k: int, table: str) -> tuple[float, fl
     q = _Queue()
     d.queue = q  # type: ignore[assignment]
     d.deliver(_batch(payloads(warm, n, k, 0)), threading.Event())
+    if not screen:
+        d.dirty = False  # no screen: every batch starts with its plain write
     batch = _batch(payloads(timed, n, k, n))
     before = len(q.records)
     t0, c0 = time.perf_counter(), proc_cpu()
@@ -125,23 +159,27 @@ def run_case(dsn: str, case: str, n: int, k: int, table: str) -> tuple[float, fl
 
 
 def bench(dsn: str, n: int, k: int, rounds: int) -> dict[str, Any]:
-    wall: dict[str, list[float]] = {c: [] for c in CASES}
-    cpu: dict[str, list[float]] = {c: [] for c in CASES}
+    variants = ("probes", "screen")
+    wall: dict[str, list[float]] = {f"{v}/{c}": [] for v in variants for c in CASES}
+    cpu: dict[str, list[float]] = {key: [] for key in wall}
     for _ in range(rounds):
         for case in CASES:
-            w, c, _dead = run_case(dsn, case, n, k, f"iso_{case}")
-            wall[case].append(w)
-            cpu[case].append(c)
-    med = {c: statistics.median(wall[c]) for c in CASES}
-    medc = {c: statistics.median(cpu[c]) for c in CASES}
+            for v in variants:
+                w, c, _dead = run_case(dsn, case, n, k, f"iso_{case}", screen=v == "screen")
+                wall[f"{v}/{case}"].append(w)
+                cpu[f"{v}/{case}"].append(c)
+    med = {key: statistics.median(v) for key, v in wall.items()}
+    medc = {key: statistics.median(v) for key, v in cpu.items()}
+    clean = statistics.median(wall["probes/clean"] + wall["screen/clean"])
+    clean_cpu = statistics.median(cpu["probes/clean"] + cpu["screen/clean"])
     return {
         "rows": n,
         "bad": k,
         "rounds": rounds,
-        "wall_ms": {c: round(1000 * v, 2) for c, v in med.items()},
-        "cpu_ms": {c: round(1000 * v, 2) for c, v in medc.items()},
-        "wall_ratio": {c: round(v / med["clean"], 2) for c, v in med.items()},
-        "cpu_ratio": {c: round(v / medc["clean"], 2) for c, v in medc.items()},
+        "wall_ms": {key: round(1000 * v, 2) for key, v in med.items()},
+        "cpu_ms": {key: round(1000 * v, 2) for key, v in medc.items()},
+        "wall_ratio_to_clean": {key: round(v / clean, 2) for key, v in med.items()},
+        "cpu_ratio_to_clean": {key: round(v / clean_cpu, 2) for key, v in medc.items()},
         "loadavg_after": os.getloadavg(),
     }
 

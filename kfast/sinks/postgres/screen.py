@@ -32,7 +32,15 @@ from psycopg import sql
 from kfast.errors import PermanentSinkError
 from kfast.sinks.postgres.sqlstate import classify
 
-__all__ = ["SCREEN_TABLE", "Rules", "Screener", "read_rules", "screen_sql", "screened_rows"]
+__all__ = [
+    "SCREEN_TABLE",
+    "Rules",
+    "Screener",
+    "read_rules",
+    "rules_version",
+    "screen_sql",
+    "screened_rows",
+]
 
 SCREEN_TABLE = "kfast_screen"
 SEQ = "_kfast_seq"
@@ -93,7 +101,7 @@ def read_rules(conn: psycopg.Connection[Any], oid: int, written: Sequence[str]) 
         return None
     table, relname = row[0], row[1]
     cols = conn.execute(
-        "SELECT a.attname, a.attnotnull OR COALESCE(t.typnotnull, false), "
+        "SELECT a.attname, a.attnotnull, "
         "format_type(b.oid, NULL), format_type(b.oid, "
         "CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END), b.typname, "
         "CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, b.typcategory "
@@ -158,6 +166,22 @@ def read_rules(conn: psycopg.Connection[Any], oid: int, written: Sequence[str]) 
         if set(keys) <= wset and match in ("s", "f"):
             rules.fks.append(_ForeignKey(name, list(keys), parent, list(pkeys), match == "f"))
     return rules
+
+
+def rules_version(conn: psycopg.Connection[Any], oid: int) -> str | None:
+    """Changes whenever the table's columns, constraints or indexes change (the catalog
+    rows' transaction ids): one cheap query instead of reading the rules again."""
+    row = conn.execute(
+        "SELECT c.xmin::text || '/' || "
+        "COALESCE((SELECT string_agg(x.xmin::text, ',' ORDER BY x.oid) FROM pg_constraint x "
+        "WHERE x.conrelid = c.oid), '') || '/' || "
+        "COALESCE((SELECT string_agg(i.xmin::text, ',' ORDER BY i.indexrelid) FROM pg_index i "
+        "WHERE i.indrelid = c.oid), '') || '/' || "
+        "COALESCE((SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum) FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND a.attnum > 0), '') FROM pg_class c WHERE c.oid = %s",
+        (oid,),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def screen_sql(rules: Rules) -> sql.Composed:
@@ -361,13 +385,15 @@ def _in_batch_duplicates(
         set_ = sql.SQL(" AND ").join(
             sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in uq.columns
         )
-        for row, g in conn.execute(
+        # One hash aggregate: only the keys held by more than one row come back.
+        found = conn.execute(
             sql.SQL(
-                "SELECT {seq}, g FROM (SELECT {seq}, dense_rank() OVER (ORDER BY {k}) g, "
-                "count(*) OVER (PARTITION BY {k}) c FROM {typed} t WHERE {set}) d WHERE c > 1"
+                "SELECT array_agg({seq}) FROM {typed} t WHERE {set} GROUP BY {k} HAVING count(*) > 1"
             ).format(seq=seq, k=keys, typed=typed, set=set_)
-        ).fetchall():
-            groups.setdefault(int(row), []).append((n, int(g)))
+        ).fetchall()
+        for g, (members,) in enumerate(found):
+            for row in members:
+                groups.setdefault(int(row), []).append((n, g))
     taken: set[tuple[int, int]] = set()
     for row in sorted(groups):
         hit = next(((n, g) for n, g in groups[row] if (n, g) in taken), None)

@@ -50,7 +50,14 @@ from kfast.sinks.postgres.copy import CopyTiming, copy_rows, copy_sql, encode_er
 from kfast.sinks.postgres.exactly_once import fence, read_offsets, store_offsets
 from kfast.sinks.postgres.plan import Plan, build_plan, table_definition
 from kfast.sinks.postgres.rows import RowTransaction
-from kfast.sinks.postgres.screen import SCREEN_TABLE, Screener, read_rules, screen_sql
+from kfast.sinks.postgres.screen import (
+    SCREEN_TABLE,
+    Rules,
+    Screener,
+    read_rules,
+    rules_version,
+    screen_sql,
+)
 from kfast.sinks.postgres.sqlstate import classify, classify_connect, copy_row_hint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,6 +152,8 @@ class PostgresSink(Sink):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._opened = False
+        # The screening rules of the plan and the catalog version they were read at.
+        self._rules: tuple[str | None, Rules | None] | None = None
         # The plan's encoder for the screening table (False: the layout has none).
         self._screen_encoder: CopyEncoder | bool | None = None
         self.fenced_rows = 0  # exactly_once: rows skipped because their offset was already stored
@@ -251,6 +260,7 @@ class PostgresSink(Sink):
         self._conns.probe_tables.clear()
         self._conns.screen_tables.clear()
         self._screen_encoder = None
+        self._rules = None
         return plan
 
     # ------------------------------------------------------------ writes
@@ -497,13 +507,17 @@ class PostgresSink(Sink):
         self, conn: psycopg.Connection[Any], batch: Batch, plan: Plan, pre: Pre
     ) -> Screener | None:
         """The set-based screen of this batch on ``conn`` (see :mod:`.screen`), or None when
-        the table cannot be screened. The rules are read for every isolated batch (a
-        constraint added or dropped while the pipeline runs is seen at once); the staging
-        table is made once per connection and column types (DDL in its own transaction)."""
+        the table cannot be screened. The rules are read again whenever the table's catalog
+        rows changed (a constraint added or dropped while the pipeline runs is seen at the
+        next isolated batch); the staging table is made once per connection and column
+        types (DDL in its own transaction)."""
         if self._table is None or self._screen_encoder is False:
             return None
-        rules = read_rules(conn, self._table.oid, plan.columns)
+        version = rules_version(conn, self._table.oid)
+        if version is None or self._rules is None or self._rules[0] != version:
+            self._rules = (version, read_rules(conn, self._table.oid, plan.columns))
         conn.commit()
+        rules = self._rules[1]
         if rules is None:
             return None
         if self._screen_encoder is None:
