@@ -924,9 +924,11 @@ cdef class FramedAvroDecoder(BaseDecoder):
     schema id, then the schemaless record.
 
     Subclasses provide ``_program_for(schema_id)`` returning a Program whose
-    column spec equals ``_columns_program()``'s, or raising LookupError
-    (unknown id) / ConnectionError (registry unreachable) / another exception
-    with a message; every payload of that id then becomes a RowError.
+    column spec equals ``_columns_program()``'s, or raising; ``_failure_reason
+    (schema_id, exc)`` then gives every payload of that id a RowError with its
+    reason, or re-raises to fail the whole batch before any row is decoded
+    (``ConfluentDecoder`` does that for ``SchemaRegistryUnavailable``: an
+    outage is retried, never dead-lettered).
 
     Every decision lives in ``decode_spans`` and these hooks: the ring calls
     ``decode_spans`` directly, so a Pipeline and ``decode(payloads)`` give
