@@ -426,6 +426,27 @@ def test_unique_violation_is_permanent_23505(pg_dsn: str, conn: Any) -> None:
     sink.close()
 
 
+def test_copy_mode_batch_is_one_autocommit_copy(pg_dsn: str, conn: Any) -> None:
+    """copy mode's COPY commits itself (no BEGIN/COMMIT round trips): a batch failing on its
+    last row leaves none of its rows, and the connection goes back to transactions."""
+    from kfast.sinks.postgres.copy import CopyTiming
+
+    _table(conn, "cp_ac", ORDERS_DDL)
+    sink = PostgresSink(pg_dsn, "cp_ac")
+    sink._timing = timing = CopyTiming()
+    sink.write(make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, _orders([1]))))
+    with pytest.raises(PermanentSinkError) as ei:
+        sink.write(make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, _orders([10, 11, 1]))))
+    assert ei.value.row == 2
+    assert conn.execute("SELECT array_agg(id ORDER BY id) FROM cp_ac").fetchone() == ([1],)
+    pg = sink._conns.current(0)
+    assert pg is not None and not pg.autocommit and not pg.info.transaction_status
+    sink.write(make_batch(ORDER_SCHEMA, avro_payloads(ORDER_SCHEMA, _orders([2]))))
+    assert conn.execute("SELECT count(*) FROM cp_ac").fetchone() == (2,)
+    assert timing.copies == 2 and timing.finish > 0 and timing.encode > 0  # completed COPYs
+    sink.close()
+
+
 def test_bad_data_is_permanent_22(pg_dsn: str, conn: Any) -> None:
     _table(conn, "cls_d", ORDERS_DDL.replace("numeric(12,2)", "numeric(4,2)"))
     sink = PostgresSink(pg_dsn, "cls_d")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from kfast.sinks.postgres.types import json_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from kfast._batch import Batch
 
-__all__ = ["copy_rows", "copy_sql", "encode_error", "pre_encode"]
+__all__ = ["CopyTiming", "copy_rows", "copy_sql", "encode_error", "pre_encode"]
 
 Pre = list[list[bytes | None]]
 
@@ -32,6 +33,26 @@ def copy_sql(plan: Plan, target: sql.Composable, seq: bool = False) -> sql.Compo
     )
 
 
+class CopyTiming:
+    """Where the COPYs of a sink spend their time, summed in seconds (opt-in, for
+    benchmarks): ``start`` (BEGIN and the COPY statement, until the server accepts data),
+    ``encode`` (kfast's encoder), ``send`` (handing each chunk to libpq: it blocks while the
+    socket is full, i.e. while the server parses) and ``finish`` (end of the data until the
+    server reports the COPY complete)."""
+
+    __slots__ = ("copies", "encode", "finish", "send", "start")
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.start = self.encode = self.send = self.finish = 0.0
+
+    def lap(self, step: str, since: float) -> float:
+        """Add the time since ``since`` to ``step``; return now."""
+        now = time.perf_counter()
+        setattr(self, step, getattr(self, step) + now - since)
+        return now
+
+
 def copy_rows(
     conn: psycopg.Connection[Any],
     enc: CopyEncoder,
@@ -40,25 +61,42 @@ def copy_rows(
     ranges: Sequence[tuple[int, int]],
     stmt: sql.Composed,
     chunk_bytes: int,
+    timing: CopyTiming | None = None,
 ) -> None:
-    """One COPY of rows ``[a, b)`` for each range, streamed in ``chunk_bytes`` pieces."""
+    """One COPY of rows ``[a, b)`` for each range, streamed in ``chunk_bytes`` pieces.
+
+    The server parses chunk k while kfast encodes chunk k+1: libpq's non-blocking send
+    returns as soon as the kernel took the bytes, and encoding (in C, without the GIL) is
+    several times faster than the server's parsing, so the server always has data."""
     for slot, values in enumerate(pre):
         enc.bind_pre(slot, values, 0)
     enc.clear()
     enc.header()
+    t = time.perf_counter() if timing is not None else 0.0
     with conn.cursor() as cur, cur.copy(stmt) as cp:
+        if timing is not None:
+            t = timing.lap("start", t)
         for start, stop in ranges:
             row = start
             while row < stop:
                 row = enc.encode(batch, row, stop, chunk_bytes)
+                if timing is not None:
+                    t = timing.lap("encode", t)
                 if len(enc) >= chunk_bytes:
                     with memoryview(enc) as mv:
                         cp.write(mv)
                     enc.clear()
+                    if timing is not None:
+                        t = timing.lap("send", t)
         enc.trailer()
         with memoryview(enc) as mv:
             cp.write(mv)
         enc.clear()
+        if timing is not None:
+            t = timing.lap("send", t)
+    if timing is not None:
+        timing.lap("finish", t)
+        timing.copies += 1
 
 
 def encode_error(exc: EncodeError, plan: Plan, batch: Batch) -> PermanentSinkError:
