@@ -28,8 +28,11 @@ row committed; every kfast thread and librdkafka's run in this process and the h
 sleeps meanwhile), and the PostgreSQL and Kafka broker CPU µs/row over the same window (their
 /proc entries; PostgreSQL = postmaster + its children, incl. exited ones via cutime/cstime).
 For the kfast paths, a sink wrapper records per batch: how long the sink waited for the pipeline
-since its previous write returned, time in ``write`` and the COPY part of it (encode + send +
-server parse); the rest of ``write`` is the pre-encode step and the COMMIT.
+since its previous write returned, time in ``write`` and the COPY part of it; the COPY is split
+by the sink's opt-in ``CopyTiming`` into start (BEGIN if any + the COPY statement's round trip),
+encode (kfast's encoder), send (handing chunks to libpq) and finish (from the last byte sent to
+the server's CommandComplete: the server still parsing). The decoder's per-batch time comes from
+``Pipeline.metrics()`` once the path is done.
 
 Method: after producing, one untimed ceiling pass warms the server and the harness's own objects
 are moved out of the cyclic GC's way (``gc.freeze``). Then ``--rounds`` rounds run the paths back
@@ -284,6 +287,13 @@ class _TimedSink(PostgresSink):
         self.first_rows = 0
         self.last_end = 0.0
         self.stages: list[tuple[float, float, float, int]] = []  # (wait, write, copy, rows)
+        self.copy_steps: list[tuple[float, ...]] = []  # CopyTiming's steps, per write
+        try:  # where the COPYs spend their time, if this kfast can tell
+            from kfast.sinks.postgres.copy import CopyTiming
+
+            self._timing = CopyTiming()
+        except ImportError:
+            pass
         self._copies: list[tuple[float, float]] = []
 
     def write(self, batch: Any) -> None:
@@ -293,6 +303,8 @@ class _TimedSink(PostgresSink):
             self.first_t = t
         wait = t - self.last_end if self.last_end else 0.0
         self._copies = []
+        ct = getattr(self, "_timing", None)
+        before = (ct.start, ct.encode, ct.send, ct.finish) if ct is not None else ()
         try:
             super().write(batch)
         finally:
@@ -301,6 +313,9 @@ class _TimedSink(PostgresSink):
             c = self._copies
             copy_s = max(b for _, b in c) - min(a for a, _ in c) if c else 0.0
             self.stages.append((wait, end - t, copy_s, batch.num_rows))
+            if ct is not None:
+                after = (ct.start, ct.encode, ct.send, ct.finish)
+                self.copy_steps.append(tuple(a - b for a, b in zip(after, before)))
             self.last_end = end
 
     def _copy_ranges(self, *args: Any, **kwargs: Any) -> Any:
@@ -422,6 +437,10 @@ def run_kfast(
             "sum_wait_s": sum(s[0] for s in st),
             "sum_write_s": sum(s[1] for s in st),
             "sum_copy_s": sum(s[2] for s in st),
+            **{
+                f"copy_{step}_p50": ms([c[k] for c, s in zip(sink.copy_steps, st) if s in clean])
+                for k, step in enumerate(("start", "encode", "send", "finish"))
+            },
             "decode_p50": 1000 * lat.get("decode", {}).get("p50", 0.0),
             "deliver_p50": 1000 * lat.get("deliver", {}).get("p50", 0.0),
         },
