@@ -433,6 +433,16 @@ def make_client(registry: Any) -> Any:
             "registry: expected a URL, a dict of schema registry settings or an object with "
             f"get_schema(schema_id), got {type(registry).__name__}"
         )
+    rest = getattr(registry, "_rest_client", None)
+    if rest is not None and getattr(rest, "timeout", 0) is None:
+        # confluent-kafka's client has no request timeout unless given one: a registry that
+        # accepts and never answers would hold decoding (and so the partitions) indefinitely
+        log.warning(
+            "schema registry client %r has no request timeout; set its 'timeout' or give kfast "
+            "the settings dict instead (kfast's client defaults to %.0f s)",
+            type(registry).__name__,
+            DEFAULT_TIMEOUT,
+        )
     return registry
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -162,3 +163,16 @@ def test_toml_decoder_takes_the_same_settings(server: str, tmp_path: Path) -> No
         _decoder({"type": "confluent", "registry": {"url": server, "bogus": 1}}, tmp_path)
     with pytest.raises(ConfigError, match="registry_url"):
         _decoder({"type": "confluent", "reader_schema": json.dumps(V1)}, tmp_path)
+
+
+def test_a_foreign_client_without_timeout_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    with caplog.at_level(logging.WARNING, logger="kfast.confluent"):
+        SchemaStore(SchemaRegistryClient({"url": "http://127.0.0.1:1"}))
+        assert "no request timeout" in caplog.text
+        caplog.clear()
+        SchemaStore(SchemaRegistryClient({"url": "http://127.0.0.1:1", "timeout": 5}))
+        assert caplog.text == ""
