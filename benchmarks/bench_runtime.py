@@ -1,19 +1,25 @@
-"""Runtime benchmark: kfast.Pipeline vs a raw confluent_kafka consume() loop, and RSS vs backlog.
+"""Runtime benchmark: kfast.Pipeline (both Kafka sources) vs raw confluent_kafka consume() loops,
+and RSS vs backlog.
 
 Throughput (same topic, same broker, one run, peers alternate per round):
 
 * ``raw``: ``Consumer.consume(1000, 0.1)`` in a loop, counting messages
-  (librdkafka's default prefetch, no decoding, no commits) - the ceiling;
-* ``raw_tuned``: the same loop with the librdkafka prefetch settings kfast's
-  memory plan chooses at 256MiB (so the comparison isolates kfast's own work);
-* ``kfast``: ``kfast.Pipeline`` with ``AvroDecoder`` into ``NullSink``
-  (copy into the ring, decode every message into columns, commit offsets),
-  ``memory_limit=256MiB``.
+  (librdkafka's default prefetch, no decoding, no commits);
+* ``raw_tuned``: ``consume(10000, 0.1)`` with the librdkafka prefetch settings
+  kfast's memory plan chooses at 256MiB - the fastest raw loop, the reference;
+* ``kfast_confluent`` / ``kfast_compiled``: ``kfast.Pipeline`` with
+  ``AvroDecoder`` into ``NullSink`` (copy into the ring, decode every message
+  into columns, commit offsets), ``memory_limit=256MiB``, with
+  ``source="confluent"`` (confluent-kafka's consume()) and
+  ``source="compiled"`` (kfast's librdkafka consumer, no Python object per
+  message).
 
 Each peer runs in a fresh process with a fresh consumer group; the rate is
 messages / (time of the last message - time of the first), so group join is
-not counted for either. The ratio kfast/raw is the number that matters (goal
->= 0.85).
+not counted for either. CPU is measured over the same window: the consuming
+thread's (``/proc/self/task/<tid>/stat``: the raw loop's main thread, the
+pipeline's poll thread) and the whole process's (``getrusage``: every thread,
+librdkafka's included), both as microseconds per message.
 
 Memory: for each backlog size, a fresh process runs the pipeline
 (``memory_limit=128MiB``) over a topic holding that backlog and reports its
@@ -113,6 +119,35 @@ def fill_topic(bootstrap: str, topic: str, n: int) -> float:
 
 
 # ------------------------------------------------------------ child processes
+def _thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) of one thread of this process."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _process_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_fields(n: int, secs: float, thread: float, process: float) -> dict[str, Any]:
+    return {
+        "messages": n,
+        "seconds": secs,
+        "rate": n / secs,
+        "thread_cpu_s": thread,
+        "process_cpu_s": process,
+        "thread_us_per_msg": thread / n * 1e6,
+        "process_us_per_msg": process / n * 1e6,
+    }
+
+
 def _child_raw(bootstrap: str, topic: str, n: int, tuned: bool) -> dict[str, Any]:
     from confluent_kafka import Consumer
 
@@ -122,21 +157,27 @@ def _child_raw(bootstrap: str, topic: str, n: int, tuned: bool) -> dict[str, Any
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
     }
+    batch = 1000
     if tuned:  # the librdkafka settings kfast runs with at memory_limit=256MiB
         conf.update(_kfast_kafka_settings())
+        batch = 10_000
     c = Consumer(conf)
     c.subscribe([topic])
+    tid = threading.get_native_id()
     got = 0
     t_first = 0.0
+    cpu0 = (0.0, 0.0)
     while got < n:
-        msgs = c.consume(1000, 0.1)
+        msgs = c.consume(batch, 0.1)
         if msgs:
             if not t_first:
                 t_first = time.perf_counter()
+                cpu0 = (_thread_cpu(tid), _process_cpu())
             got += len(msgs)
     t_end = time.perf_counter()
+    cpu1 = (_thread_cpu(tid), _process_cpu())
     c.close()
-    return {"messages": got, "seconds": t_end - t_first, "rate": got / (t_end - t_first)}
+    return _cpu_fields(got, t_end - t_first, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
 
 def _kfast_kafka_settings() -> dict[str, str]:
@@ -146,9 +187,10 @@ def _kfast_kafka_settings() -> dict[str, str]:
     return plan_memory("256MiB", {}, kfast.BatchPolicy(), kfast.BufferPolicy()).kafka_settings()
 
 
-def _child_kfast(bootstrap: str, topic: str, n: int, memory_limit: str) -> dict[str, Any]:
+def _child_kfast(
+    bootstrap: str, topic: str, n: int, memory_limit: str, source: str = "compiled"
+) -> dict[str, Any]:
     import kfast
-    from kfast.runtime.pipeline import _rss_bytes
 
     sink = kfast.NullSink()
     pipe = kfast.Pipeline(
@@ -162,42 +204,60 @@ def _child_kfast(bootstrap: str, topic: str, n: int, memory_limit: str) -> dict[
         sink,
         memory_limit=memory_limit,
         install_signal_handlers=False,
+        source=source,
     )
     baseline = _rss_bytes()
-    box: dict[str, float] = {}
+    box: dict[str, Any] = {}
     peak_rss = [0]
 
+    def poll_tid() -> int:
+        for th in threading.enumerate():
+            if th.name == "kfast-poll" and th.native_id is not None:
+                return th.native_id
+        return 0
+
     def watch() -> None:
+        tid = 0
         while True:
-            consumed = pipe._ring.pushed if pipe._ring is not None else 0
-            if consumed and "first" not in box:
+            ring = pipe._ring
+            if not tid:
+                tid = poll_tid()
+            if tid and ring is not None and ring.pushed and "first" not in box:
                 box["first"] = time.perf_counter()
+                box["cpu0"] = (_thread_cpu(tid), _process_cpu())
             if sink.rows >= n:
                 box["end"] = time.perf_counter()
+                box["cpu1"] = (_thread_cpu(tid), _process_cpu())
                 pipe.stop()
                 return
             peak_rss[0] = max(peak_rss[0], _rss_bytes())
             time.sleep(0.002)
 
-    t = threading.Thread(target=watch, daemon=True)
+    t = threading.Thread(target=watch, name="bench-watch", daemon=True)
     t.start()
     pipe.run()
     t.join()
     m = pipe.metrics()
-    secs = box["end"] - box["first"]
-    return {
-        "messages": sink.rows,
-        "seconds": secs,
-        "rate": sink.rows / secs,
-        "baseline_rss": baseline,
-        "peak_rss_sampled": peak_rss[0],
-        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "pauses": m["pauses"],
-        "batches": m["batches"],
-        "batch_rows_p50": m["batch_size"]["p50"],
-        "latency_s": m["latency_s"],
-        "memory_limit": pipe.memory_plan().limit,
-    }
+    out = _cpu_fields(
+        sink.rows,
+        box["end"] - box["first"],
+        box["cpu1"][0] - box["cpu0"][0],
+        box["cpu1"][1] - box["cpu0"][1],
+    )
+    out.update(
+        {
+            "source": source,
+            "baseline_rss": baseline,
+            "peak_rss_sampled": peak_rss[0],
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "pauses": m["pauses"],
+            "batches": m["batches"],
+            "batch_rows_p50": m["batch_size"]["p50"],
+            "latency_s": m["latency_s"],
+            "memory_limit": pipe.memory_plan().limit,
+        }
+    )
+    return out
 
 
 def _spawn(kind: str, bootstrap: str, topic: str, n: int, memory_limit: str = "256MiB") -> dict:
@@ -216,27 +276,45 @@ def _spawn(kind: str, bootstrap: str, topic: str, n: int, memory_limit: str = "2
 
 
 # ------------------------------------------------------------------ the runs
-def throughput(bootstrap: str, n: int, rounds: int) -> dict[str, Any]:
+KINDS = ("raw", "raw_tuned", "kfast_confluent", "kfast_compiled")
+
+
+def throughput(bootstrap: str, n: int, rounds: int, kinds: tuple[str, ...] = KINDS) -> dict:
     topic = "bench-rt-" + uuid.uuid4().hex[:8]
     produce_s = fill_topic(bootstrap, topic, n)
-    runs: dict[str, list[dict]] = {"raw": [], "raw_tuned": [], "kfast": []}
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for r in range(rounds):
-        order = ["raw", "raw_tuned", "kfast"]
-        order = order[r % 3 :] + order[: r % 3]  # rotate: no peer always runs first
+        order = list(kinds)
+        order = order[r % len(order) :] + order[: r % len(order)]  # no peer always runs first
         for kind in order:
             runs[kind].append(_spawn(kind, bootstrap, topic, n))
-    med = {k: sorted(x["rate"] for x in v)[len(v) // 2] for k, v in runs.items()}
-    best_raw = max(med["raw"], med["raw_tuned"])
+            print(f"  round {r}: {kind:16s} {_row(runs[kind][-1])}", flush=True)
+
+    def median(kind: str, key: str) -> float:
+        xs = sorted(x[key] for x in runs[kind])
+        return xs[len(xs) // 2]
+
+    keys = ("rate", "thread_us_per_msg", "process_us_per_msg")
+    med = {k: {key: median(k, key) for key in keys} for k in kinds}
+    ref = med["raw_tuned"]["rate"] if "raw_tuned" in med else 0.0
     return {
         "messages": n,
         "partitions": PARTITIONS,
         "payload_bytes": len(payload(n // 2)),
         "produce_s": produce_s,
         "rounds": runs,
-        "median_rate": med,
-        # against the faster of the two raw loops
-        "ratio": med["kfast"] / best_raw,
+        "median": med,
+        "median_rate": {k: v["rate"] for k, v in med.items()},
+        # against the tuned raw loop (the faster one)
+        "ratio": {k: v["rate"] / ref for k, v in med.items()} if ref else {},
     }
+
+
+def _row(res: dict[str, Any]) -> str:
+    return (
+        f"{res['rate']:>12,.0f} msg/s  consuming thread {res['thread_us_per_msg']:.3f} us/msg  "
+        f"process {res['process_us_per_msg']:.3f} us/msg"
+    )
 
 
 def memory(bootstrap: str, backlogs: list[int], memory_limit: str) -> list[dict[str, Any]]:
@@ -244,7 +322,7 @@ def memory(bootstrap: str, backlogs: list[int], memory_limit: str) -> list[dict[
     for n in backlogs:
         topic = "bench-mem-" + uuid.uuid4().hex[:8]
         fill_topic(bootstrap, topic, n)
-        res = _spawn("kfast", bootstrap, topic, n, memory_limit)
+        res = _spawn("kfast_compiled", bootstrap, topic, n, memory_limit)
         res["backlog"] = n
         out.append(res)
         print(
@@ -272,6 +350,14 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _load() -> str:
+    """``uptime``'s load averages: the machine may be shared."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -288,20 +374,39 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     tp = report["throughput"]
-    names = [
-        "raw consume()\n(defaults)",
-        "raw consume()\n(kfast's prefetch)",
-        "kfast Pipeline\n(Avro -> NullSink)",
-    ]
-    rates = [tp["median_rate"][k] / 1e3 for k in ("raw", "raw_tuned", "kfast")]
-    a.bar(names, rates, color=["#999999", "#bbbbbb", "#2b7bba"])
-    for i, v in enumerate(rates):
-        a.text(i, v, f"{v:,.0f}k", ha="center", va="bottom")
+    kinds = [k for k in KINDS if k in tp["median"]]
+    labels = {
+        "raw": "raw consume()\n(defaults)",
+        "raw_tuned": "raw consume()\n(tuned)",
+        "kfast_confluent": "kfast Pipeline\nsource=confluent",
+        "kfast_compiled": "kfast Pipeline\nsource=compiled",
+    }
+    colors = {
+        "raw": "#999999",
+        "raw_tuned": "#bbbbbb",
+        "kfast_confluent": "#9ecae1",
+        "kfast_compiled": "#2b7bba",
+    }
+    rates = [tp["median"][k]["rate"] / 1e3 for k in kinds]
+    a.bar([labels[k] for k in kinds], rates, color=[colors[k] for k in kinds])
+    for i, k in enumerate(kinds):
+        m = tp["median"][k]
+        a.text(
+            i,
+            rates[i],
+            f"{rates[i]:,.0f}k\n{m['thread_us_per_msg']:.2f} / {m['process_us_per_msg']:.2f} us",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     a.set_ylabel("messages / s (thousands)")
+    a.set_ylim(top=max(rates) * 1.25)
+    a.tick_params(axis="x", labelsize=8)
     a.set_title(
-        f"{tp['messages']:,} msgs, {PARTITIONS} partitions: kfast = {tp['ratio']:.0%} of best raw",
+        f"{tp['messages']:,} msgs, {PARTITIONS} partitions, Avro -> NullSink + commits\n"
+        "labels: rate; CPU per message, consuming thread / whole process",
         fontsize=9,
     )
     mem = report["memory"]
@@ -349,18 +454,19 @@ def main(argv: list[str] | None = None) -> int:
         if kind in ("raw", "raw_tuned"):
             res = _child_raw(bootstrap, topic, int(n), tuned=kind == "raw_tuned")
         else:
-            res = _child_kfast(bootstrap, topic, int(n), limit)
+            res = _child_kfast(bootstrap, topic, int(n), limit, kind.removeprefix("kfast_"))
         print(json.dumps(res))
         return 0
     from kfast.testing import KafkaBroker
 
     broker = KafkaBroker(bootstrap=a.bootstrap, heap="1g")
     with broker:
-        report: dict[str, Any] = {"environment": environment()}
+        report: dict[str, Any] = {"environment": environment(), "load_before": _load()}
         report["throughput"] = throughput(broker.bootstrap, a.messages, a.rounds)
+        report["load_after"] = _load()
         tp = report["throughput"]
-        rates = ", ".join(f"{k} {v:,.0f} msg/s" for k, v in tp["median_rate"].items())
-        print(f"{rates}; kfast / best raw = {tp['ratio']:.3f}", flush=True)
+        for k, med in tp["median"].items():
+            print(f"median {k:16s} {_row(med)}  x{tp['ratio'][k]:.2f} raw_tuned", flush=True)
         backlogs = [int(x) for x in a.backlogs.split(",") if x]
         report["memory"] = memory(broker.bootstrap, backlogs, a.memory_limit)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -386,14 +492,10 @@ def test_runtime_vs_raw(benchmark: Any, kafka_broker: Any) -> None:
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(
-        {
-            "raw_rate": result["median_rate"]["raw"],
-            "raw_tuned_rate": result["median_rate"]["raw_tuned"],
-            "kfast_rate": result["median_rate"]["kfast"],
-            "ratio": result["ratio"],
-        }
+        {f"{k}_rate": v for k, v in result["median_rate"].items()}
+        | {f"{k}_ratio": v for k, v in result["ratio"].items()}
     )
-    print(f"\nkfast/raw = {result['ratio']:.3f} ({result['median_rate']})")
+    print(f"\nratio to raw_tuned: {result['ratio']} ({result['median_rate']})")
 
 
 if __name__ == "__main__":
