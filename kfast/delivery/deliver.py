@@ -12,14 +12,15 @@
 
    * **in one sink transaction** when the sink offers one
      (``sink.row_transaction(batch)``, PostgreSQL ``copy`` and
-     ``exactly_once`` without key) and the error locates its row
-     (``PermanentSinkError.row``: the COPY line). Rows that fail on their
-     own (CHECK, NOT NULL, data errors) are found by probes that are rolled
-     back, the rest is written in one COPY, each found row is confirmed by
-     COPYing it alone; other failures are handled in order. Each COPY sits
-     in a savepoint, the batch commits once. See
-     :class:`~kfast.delivery.isolation.Isolation` for the algorithm and its bound (about 2k+2 COPYs for k bad rows),
-     in :mod:`kfast.delivery.isolation`;
+     ``exactly_once`` without key). The transaction's set-based screen
+     (``txn.screen``) finds every bad row at once and the rest is written in
+     one statement; without a screen, or when it does not explain the
+     failure, rows located by the error (``PermanentSinkError.row``: the
+     COPY line) are isolated by probes, one COPY of the rest, and each found
+     row confirmed alone. Each step sits in a savepoint, the batch commits
+     once. See :class:`~kfast.delivery.isolation.Isolation` for the algorithm
+     and its bounds. After a batch with bad rows, the next one is screened
+     before any plain write;
    * otherwise **slice by slice**, each slice its own write: a located row
      splits the rows into the ones before it (one write), itself (written
      alone: dead-lettered only if that fails too) and the rest (about 3k+1
