@@ -16,13 +16,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from _sink_helpers import ORDER_SCHEMA, avro_payloads, consume_all, make_batch
+from _sink_helpers import (
+    ORDER_SCHEMA,
+    CapturingQueue,
+    CountingSink,
+    TxnProxy,
+    avro_payloads,
+    consume_all,
+    make_batch,
+)
 
 from kfast.delivery import Delivery, DeliveryMetrics
-from kfast.dlq import DeadLetter, DeadLetterPolicy
+from kfast.dlq import DeadLetterPolicy
 from kfast.errors import PermanentSinkError, TransientSinkError
 from kfast.retry import RetryPolicy
-from kfast.sinks.postgres import PostgresSink
 
 pytestmark = pytest.mark.integration
 
@@ -56,67 +63,6 @@ def _table(dsn: str, name: str, ddl: str = DDL) -> None:
 def _ids(dsn: str, name: str) -> list[int]:
     with psycopg.connect(dsn, autocommit=True) as c:
         return [int(r[0]) for r in c.execute(f'SELECT id FROM "{name}" ORDER BY id').fetchall()]
-
-
-class CountingSink(PostgresSink):
-    """A PostgresSink that counts its writes, row transactions and their COPYs."""
-
-    def __init__(self, *args: Any, wrap: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.writes = 0
-        self.txns: list[Any] = []
-        self.wrap = wrap  # optional proxy factory around each RowTransaction
-
-    def write(self, batch: Any) -> None:
-        self.writes += 1
-        super().write(batch)
-
-    def row_transaction(self, batch: Any) -> Any:
-        txn = super().row_transaction(batch)
-        if txn is None:
-            return None
-        self.txns.append(txn)
-        return self.wrap(txn) if self.wrap is not None else txn
-
-    @property
-    def copies(self) -> int:
-        """COPY statements: the plain writes plus every COPY of the row transactions."""
-        return self.writes + sum(t.statements for t in self.txns)
-
-
-class TxnProxy:
-    """Wraps the sink's row transaction (``CountingSink(wrap=...)``); subclasses override
-    the calls they observe or distort and delegate the rest."""
-
-    def __init__(self, txn: Any) -> None:
-        self.txn = txn
-
-    def __enter__(self) -> Any:
-        self.txn.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.txn.__exit__(*exc)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.txn, name)
-
-
-class CapturingQueue:
-    """Stands in for the DLQ producer: keeps the records, counts confirmations."""
-
-    def __init__(self) -> None:
-        self.records: list[DeadLetter] = []
-        self.confirmed = 0
-
-    def produce(self, records: list[DeadLetter]) -> None:
-        self.records.extend(records)
-
-    def confirm(self, stop: Any = None) -> None:
-        self.confirmed = len(self.records)
-
-    def close(self) -> None:
-        pass
 
 
 def _delivery(sink: Any, policy: DeadLetterPolicy | None = None) -> tuple[Delivery, Any]:

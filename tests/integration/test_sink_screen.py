@@ -16,8 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from _sink_helpers import avro_payloads, make_batch
-from test_sink_isolation import CapturingQueue, CountingSink, TxnProxy
+from _sink_helpers import CapturingQueue, CountingSink, TxnProxy, avro_payloads, make_batch
 
 from kfast.delivery import Delivery
 from kfast.dlq import DeadLetterPolicy
