@@ -406,3 +406,45 @@ def test_tombstones_and_foreign_payloads_cost_only_their_own_rows(http_registry:
     assert reasons[0] == reasons[4] and reasons[0].startswith("tombstone (None value)")
     assert reasons[1] == "schema id 9 is PROTOBUF; this decoder decodes AVRO"
     assert reasons[3].startswith("wrong magic byte")
+
+
+def test_references_are_resolved_recursively_at_their_versions() -> None:
+    money_v1 = {"type": "fixed", "name": "Cents", "namespace": "money", "size": 2}
+    money_v2 = {"type": "fixed", "name": "Cents", "namespace": "money", "size": 4}
+    line = {"type": "record", "name": "Line", "namespace": "x.lines",
+            "fields": [{"name": "cents", "type": "money.Cents"}]}  # fmt: skip
+    order = {"type": "record", "name": "Order", "namespace": "shop",
+             "fields": [{"name": "first", "type": "x.lines.Line"},
+                        {"name": "rest", "type": {"type": "array", "items": "x.lines.Line"}},
+                        {"name": "cents", "type": "money.Cents"}]}  # fmt: skip
+    entries = {
+        ("money", 1): {"schema": json.dumps(money_v1)},
+        ("money", 2): {"schema": json.dumps(money_v2)},
+        ("line", 3): {"schema": json.dumps(line),
+                      "references": [{"name": "money.Cents", "subject": "money", "version": 2}]},
+    }  # fmt: skip
+    asked: list[Any] = []
+
+    class Registry:
+        def get_schema(self, schema_id: int) -> Any:
+            asked.append(schema_id)
+            refs = [{"name": "x.lines.Line", "subject": "line", "version": 3}]
+            return {"schema": json.dumps(order), "references": refs}
+
+        def get_version(self, subject: str, version: int) -> Any:
+            asked.append((subject, version))
+            return entries[(subject, version)]
+
+    rec = {"first": {"cents": b"abcd"}, "rest": [{"cents": b"efgh"}], "cents": b"ijkl"}
+    buf = io.BytesIO()
+    resolved = {**order, "fields": [
+        {"name": "first", "type": {**line, "fields": [{"name": "cents", "type": money_v2}]}},
+        *order["fields"][1:],
+    ]}  # fmt: skip
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(resolved), rec)
+    payload = b"\x00\x00\x00\x00\x05" + buf.getvalue()
+    dec = ConfluentDecoder(Registry(), reader_schema=resolved)
+    batch = dec.decode([payload, payload])
+    assert batch.errors == []
+    assert batch.to_pylist() == [rec, rec]
+    assert asked == [5, ("line", 3), ("money", 2)]  # version 2 of money, each asked once
