@@ -88,6 +88,7 @@ class RowTransaction:
         self._release = release
         self._screener = screener
         self._staged = False  # screened rows staged inside the open savepoint
+        self._empty = False  # the last screen had no row to stage
         self._stage_used = False  # the staging table holds rows of an earlier insert
         self._stmt = stmt
         self._probe_stmt = probe_stmt if probe_stmt is not None else stmt
@@ -128,9 +129,10 @@ class RowTransaction:
         if self._screener is None or self._triggers:
             return None
         rs = clip(ranges, self._allowed)
-        if not rs:
-            return {}
         self._unstage()
+        if not rs:
+            self._empty = True  # every row fenced: nothing to stage, nothing to write
+            return {}
         self.statements += 1
         if not self._savepoint:
             self._execute(f"SAVEPOINT {_SAVEPOINT}")
@@ -161,6 +163,9 @@ class RowTransaction:
         ``PermanentSinkError`` without a row; the transaction stays usable."""
         if not self._open:
             raise KfastError("RowTransaction is closed")
+        if self._empty:
+            self._empty = False
+            return
         if not self._staged or self._screener is None:
             raise KfastError("RowTransaction.write_screened without screened rows")
         self._staged = False
@@ -181,6 +186,7 @@ class RowTransaction:
 
     def _unstage(self) -> None:
         """Drop rows a screen staged (rolled back with its savepoint)."""
+        self._empty = False
         if self._staged:
             self._staged = False
             self._execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
