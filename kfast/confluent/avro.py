@@ -31,6 +31,7 @@ __all__ = ["ConfluentDecoder", "resolve_references"]
 
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 _KINDS = ("AVRO", "PROTOBUF")
+_NO_FIELDS = {"type": "record", "name": "kfast_no_fields", "fields": []}
 
 
 # ------------------------------------------------------------------------ references
@@ -187,6 +188,7 @@ class ConfluentDecoder(FramedAvroDecoder):
             self._set_reader(_schema.parse(reader_schema))
         self._programs: BoundedCache[int, Program] = BoundedCache(max_cached_schemas)
         self._protobuf: ConfluentProtobufDecoder | None = None
+        self._no_columns: Program | None = None
 
     def schema_id_of(self, value: Any) -> int | None:
         """The schema id a payload is framed with, or None when it is not framed (only the
@@ -221,6 +223,12 @@ class ConfluentDecoder(FramedAvroDecoder):
         return None
 
     def _columns_program(self, first_schema_id: int | None) -> Program:
+        if self._columns is None and self.kind() == "PROTOBUF":
+            # only when no payload of the batch is framed (any framed one hands the batch to
+            # the Protobuf decoder): every row is an error, there are no Avro columns to give
+            if self._no_columns is None:
+                self._no_columns = Program(_schema.compile_schema(_schema.parse(_NO_FIELDS)))
+            return self._no_columns
         if self._columns is None:
             assert self.subject is not None
             entry = self.store.latest(self.subject)

@@ -202,3 +202,15 @@ def test_registry_outage_fails_the_batch_unknown_ids_are_rows() -> None:
     reasons = [e.reason for e in batch.errors]
     assert reasons[0].startswith("unknown schema id 77777 (registry: ")
     assert reasons[1].startswith("tombstone")
+
+
+def test_a_protobuf_subject_batch_with_no_framed_payload_is_row_errors() -> None:
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    client = SchemaRegistryClient.new_client({"url": "mock://kfast-protobuf-unframed"})
+    client.register_schema("u-value", Schema('syntax = "proto3"; message U { int64 a = 1; }',
+                                             "PROTOBUF"))  # fmt: skip
+    dec = kfast.ConfluentDecoder(client, subject="u-value")
+    for values in ([b"\x01\x02", b""], [None]):
+        batch = dec.decode(values)
+        assert batch.num_rows == 0 and [e.index for e in batch.errors] == list(range(len(values)))
