@@ -81,10 +81,11 @@ class Pipeline:
     every buffer; ``memory_limit`` is split by :func:`kfast.runtime.memory.plan_memory`
     (``memory_plan()`` shows the split). ``startup_timeout`` (seconds) makes
     ``start()`` wait until the pipeline is ready and fail if it is not by then.
-    ``source`` picks the Kafka consumer: ``"confluent"`` (confluent-kafka's
-    ``Consumer``) or ``"compiled"`` (kfast's librdkafka consumer, which copies
-    messages into the ring without a Python object per message; see
-    :mod:`kfast.runtime.kafka`). Both behave the same otherwise.
+    ``source`` picks the Kafka consumer: ``"compiled"`` (the default where it
+    is available: kfast's consumer over confluent-kafka's librdkafka, which
+    copies messages into the ring without a Python object per message; see
+    :mod:`kfast.runtime.kafka`) or ``"confluent"`` (confluent-kafka's
+    ``Consumer``; the default on Windows). Both behave the same otherwise.
     """
 
     def __init__(
@@ -108,7 +109,7 @@ class Pipeline:
         metrics_port: int | None = None,
         install_signal_handlers: bool = True,
         startup_timeout: float | str | None = None,
-        source: str = "confluent",
+        source: str | None = None,
     ) -> None:
         from kfast._batch import BaseDecoder
 
@@ -202,14 +203,15 @@ class Pipeline:
         self.dlq = dlq
         self.group_id = str(kafka["group.id"])
         self._poll_batch = poll_batch
+        from kfast.runtime.kafka import available
+
+        if source is None:
+            source = "compiled" if available() else "confluent"
         if source not in SOURCES:
             raise ConfigError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
-        if source == "compiled":
-            from kfast.runtime.kafka import available
-
-            if not available():
-                raise ConfigError("source='compiled': no usable librdkafka found")
-        self.source = source
+        if source == "compiled" and not available():
+            raise ConfigError("source='compiled': no usable librdkafka found (not supported here?)")
+        self.source: str = source
         self._metrics_port = metrics_port
         self._install_signals = install_signal_handlers
         self._plan = plan_memory(

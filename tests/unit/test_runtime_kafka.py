@@ -156,7 +156,7 @@ def test_pipeline_source_option_is_validated():
     with pytest.raises(ConfigError, match="source"):
         kfast.Pipeline(conf, ["t"], kfast.AvroDecoder("long"), kfast.NullSink(), source="rdkafka")
     pipe = kfast.Pipeline(conf, ["t"], kfast.AvroDecoder("long"), kfast.NullSink())
-    assert pipe.source == "confluent"
+    assert pipe.source == ("compiled" if SUPPORTED else "confluent")
 
 
 def test_cli_config_selects_the_source(tmp_path):
