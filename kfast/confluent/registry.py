@@ -6,8 +6,9 @@ through :class:`SchemaStore`, which has one cache policy and one failure vocabul
 * :class:`kfast.errors.SchemaRegistryUnavailable`: the registry could not answer (connection
   refused or reset, timeout, HTTP 5xx, 429, or any other answer that is not a schema or a
   "not found", e.g. 401/403). An outage, never bad data: the decoder raises it for the whole batch.
-* :class:`kfast.errors.UnknownSchemaId`: the registry answered "not found" (HTTP 404, Confluent error 40403)
-  for that id, again after ``not_found_retries`` more asks. Only this makes row errors.
+* :class:`kfast.errors.UnknownSchemaId`: the registry answered "not found" (HTTP 404 with
+  Confluent error 40403) for that id, again after ``not_found_retries`` more asks. Only this
+  makes row errors. A 404 without that code (a wrong URL, a proxy's page) is an outage.
 
 The registry is a URL (or list of URLs), a dict of confluent-kafka ``SchemaRegistryClient``
 settings, a :class:`RegistryClient`, or any object with ``get_schema(schema_id)`` (for example
@@ -47,7 +48,7 @@ __all__ = [
 log = logging.getLogger("kfast.confluent")
 
 DEFAULT_TIMEOUT = 10.0  # seconds per request, confluent-kafka's SchemaRegistryClient default
-_NOT_FOUND_CODES = (40401, 40402, 40403)  # subject / version / schema not found
+_NOT_FOUND_CODES = (40400, 40401, 40402, 40403)  # not found: any / subject / version / schema
 
 
 # ------------------------------------------------------------------------------- wire header
@@ -369,8 +370,10 @@ class RegistryClient:
             except urllib.error.HTTPError as exc:
                 status = exc.code
                 detail = _error_detail(exc)
-                if status == 404 or detail[0] in _NOT_FOUND_CODES:
+                if status == 404 and detail[0] in _NOT_FOUND_CODES:
                     raise _NotFound(f"{url}: HTTP {status}: {detail[1]}") from None
+                if status == 404:  # not the registry's answer: a wrong URL or a proxy's page
+                    detail = (None, f"{detail[1]} (no Confluent error code: is {base} the API?)")
                 last = SchemaRegistryUnavailable(
                     f"schema registry {url} answered HTTP {status}: {detail[1]}",
                     url=base,
@@ -547,7 +550,8 @@ def _is_not_found(exc: BaseException) -> bool:
         return True
     status = getattr(exc, "http_status_code", None)
     code = getattr(exc, "error_code", None)
-    return status == 404 or code in _NOT_FOUND_CODES
+    # the registry's own "not found" carries a Confluent error code; a bare 404 is a wrong URL
+    return code in _NOT_FOUND_CODES or (status == 404 and code is None)
 
 
 def _unavailable(exc: BaseException, what: str) -> SchemaRegistryUnavailable:

@@ -375,6 +375,7 @@ def test_registry_answers_are_sorted_into_outage_or_not_found() -> None:
         4: SchemaRegistryError(401, 40101, "unauthorized"),
         5: TimeoutError("timed out"),
         6: OSError("connection reset"),
+        7: SchemaRegistryError(404, -1, "<html>Not Found</html>"),  # a wrong URL, not "no schema"
     }
     asked: list[int] = []
 
@@ -390,7 +391,7 @@ def test_registry_answers_are_sorted_into_outage_or_not_found() -> None:
     with pytest.raises(UnknownSchemaId):
         store.get(1)
     assert asked.count(1) == 3  # a confirmed "not found" is remembered
-    for sid in (2, 3, 4, 5, 6):
+    for sid in (2, 3, 4, 5, 6, 7):
         with pytest.raises(SchemaRegistryUnavailable):
             store.get(sid)
         assert asked.count(sid) == 1

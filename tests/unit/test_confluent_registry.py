@@ -47,6 +47,7 @@ def server() -> Iterator[str]:
         "/schemas/ids/4": (429, "application/json", b'{"message":"slow down"}'),
         "/schemas/ids/5": (502, "text/html", b"<html><body>Bad Gateway</body></html>"),
         "/schemas/ids/6": (200, "text/html", b"<html>a proxy login page</html>"),
+        "/schemas/ids/7": (404, "text/html", b"<html>Not Found</html>"),  # not the registry's 404
         "/subjects/u-value/versions/latest": (
             200, "application/json",
             json.dumps({"schema": json.dumps(V1), "id": 1, "subject": "u-value", "version": 1}).encode(),
@@ -76,7 +77,7 @@ def test_answers_are_a_schema_not_found_or_an_outage(server: str) -> None:
     store = SchemaStore(client, not_found_wait=0.0)
     with pytest.raises(UnknownSchemaId, match="unknown schema id 2"):
         store.get(2)
-    for sid, status in ((3, 503), (4, 429), (5, 502), (6, None)):
+    for sid, status in ((3, 503), (4, 429), (5, 502), (6, None), (7, 404)):
         with pytest.raises(SchemaRegistryUnavailable) as info:
             store.get(sid)
         assert info.value.status == status and info.value.url == server
