@@ -341,7 +341,9 @@ class PollLoop:
             h.phase = "running"
         self._broker_back()
         self._lag_due = time.monotonic()  # query lag now; librdkafka's stats come later
-        log.info(
+        # an incremental rebalance that brings nothing is not worth an INFO line
+        log.log(
+            logging.INFO if partitions else logging.DEBUG,
             "assigned %d partitions (%d in total): %s",
             len(partitions),
             h.assigned_partitions,

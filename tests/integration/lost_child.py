@@ -131,11 +131,13 @@ def main() -> None:
         while not done.wait(0.1):
             snapshot()
 
-    threading.Thread(target=publish, daemon=True).start()
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
     try:
         pipe.run()
     finally:
         done.set()
+        publisher.join()  # one writer of metrics.json.tmp at a time
         snapshot()
     m = pipe.metrics()
     m.pop("memory_plan", None)
