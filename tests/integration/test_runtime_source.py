@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 PARTITIONS = 3
 N = 3000
+ARENA = 64 << 10  # bytes; message 7's value is larger (the oversized path)
 
 
 def _messages() -> tuple[list[Any], list[Any], list[Any]]:
@@ -32,6 +33,8 @@ def _messages() -> tuple[list[Any], list[Any], list[Any]]:
     for i in range(N):
         r = i % 11
         values.append(None if r == 3 else b"" if r == 5 else (b"v%d-" % i) * (1 + i % 300))
+        if i == 7:
+            values[-1] = b"o" * (ARENA + 1000)
         keys.append(None if r in (1, 3) else b"" if r == 4 else b"k%d" % i)
         if r == 2:
             headers.append([("a", b"1"), ("b", None), ("a", b"dup"), ("\u00e9t\u00e9", b"")])
@@ -57,8 +60,11 @@ class _Hooks:
 
 
 def _read_all(kind: str, conf: dict[str, Any], topic: str, total: int) -> tuple[dict, dict]:
-    """Consume ``topic`` into a ring with one source; return rows per partition and stats."""
-    ring = Ring(100_000, 64 << 20, keep_headers=True)
+    """Consume ``topic`` into a ring with one source; return rows per partition and stats.
+
+    The ring is small (64 KiB): small batches are read out and released as they
+    come, and the one value larger than the arena takes the oversized path."""
+    ring = Ring(1000, ARENA, keep_headers=True)
     hooks = _Hooks(ring)
     cls = CompiledSource if kind == "compiled" else Source
     src: Any = cls(
@@ -69,29 +75,34 @@ def _read_all(kind: str, conf: dict[str, Any], topic: str, total: int) -> tuple[
         on_lost=hooks.revoke,
         on_error=hooks.errors.append,
     )
+    rows: dict[tuple[str, int], list[Any]] = collections.defaultdict(list)
+    ends: dict[tuple[str, int], int] = {}
+    decoder = kfast.AvroDecoder(SCHEMA)
     try:
         src.subscribe()
         deadline = time.monotonic() + 60
         while ring.head < total:
             assert time.monotonic() < deadline, f"{kind}: {ring.head} of {total} messages"
             if kind == "compiled":
-                src.consume_into(ring, 500, 0.2)
+                src.consume_into(ring, 20, 0.2)
             else:
-                msgs = src.consume(500, 0.2)
+                msgs = src.consume(20, 0.2)
                 if msgs:
                     ring.push(msgs)
+            assert not ring.rewinds(), "20 messages must fit the ring"
+            view = ring.decode(decoder, ring.tail, ring.head - ring.tail, Batch())
+            for i in range(len(view)):
+                rows[(view.topic(i), view.partition(i))].append(
+                    (view.offset(i), view.key(i), view.value(i), view.headers(i), view.timestamp(i))
+                )
+            ends.update(view.next_offsets())
+            ring.release(ring.head)
         assert not ring.errors
-        view = ring.decode(kfast.AvroDecoder(SCHEMA), ring.tail, ring.head - ring.tail, Batch())
-        rows: dict[tuple[str, int], list[Any]] = collections.defaultdict(list)
-        for i in range(len(view)):
-            rows[(view.topic(i), view.partition(i))].append(
-                (view.offset(i), view.key(i), view.value(i), view.headers(i), view.timestamp(i))
-            )
         stats = ring.stats()
         stats.pop("used_bytes")
         # the consumer side of the interface: lag from the broker, statistics,
         # synchronous and asynchronous commits with their results
-        ends = [(t, p, off + 1) for (t, p), rs in rows.items() for off in [rs[-1][0]]]
+        ends = [(t, p, nxt) for (t, p), nxt in sorted(ends.items())]
         stats["lag_before_commit"] = src.query_lag(10)
         src.commit(ends[:1], asynchronous=False)
         src.commit(ends[1:], asynchronous=True)
@@ -141,6 +152,7 @@ def test_both_sources_fill_the_ring_identically(
     assert stats_c["take_commit_failures"] == []
     # the data really has every shape: tombstones, empty and absent keys, headers
     assert stats_c["tombstones"] == sum(v is None for v in values)
+    assert stats_c["oversized"] == 1
     flat = [r for rs in rows_c.values() for r in rs]
     assert any(r[1] is None for r in flat) and any(r[1] == b"" for r in flat)
     assert any(r[2] == b"" for r in flat)
