@@ -764,9 +764,30 @@ def bench(
             "postgresql": row[0] if row else "?",
             "kfast": kfast.__version__,
             "load_at_end": _load(),
+            "git": _git_head(),
             "note": "single-node Kafka and PostgreSQL from kfast.testing on loopback, same machine",
         },
     }
+
+
+def _git_head() -> str:
+    """The commit benchmarked, "+dirty" when the work tree has changes."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "?"
+    return head + ("+dirty" if dirty else "")
 
 
 def _cpu_model() -> str:
