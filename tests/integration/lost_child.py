@@ -20,6 +20,7 @@ process is resumed.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -78,6 +79,7 @@ def main() -> None:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
 
+    faulthandler.register(signal.SIGUSR1)  # the test dumps the stacks of a hung shutdown
     # the wake-up in the log, for reading it next to kfast's "lost" line
     signal.signal(signal.SIGCONT, lambda *_: logging.getLogger("lost_child").info("SIGCONT"))
     commits_fd = os.open(

@@ -122,7 +122,17 @@ class Member:
         assert self.proc is not None
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # a hung shutdown: every thread's stack (faulthandler in lost_child) into the failure
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(
+                f"member {self.name} did not stop within {timeout} s:\n{self.stderr()[-6000:]}"
+            ) from None
         self.out.close()
         self.err.close()
         assert self.proc.returncode == 0, (
