@@ -544,8 +544,10 @@ class Pipeline:
             if time.monotonic() >= deadline:
                 break
             self._done.wait(0.05)
-        if self._done.is_set():
+        if self._done.is_set() or self._ch.stop.is_set():
             self._raise_failure()
+            if self._ch.stop.is_set():
+                return  # stop() (a signal) during startup: not an error
             raise KfastError(f"the pipeline stopped during startup: {self.exit_reason}")
         h = self._health.snapshot()
         missing = dict(self._health.missing_topics)
