@@ -68,14 +68,13 @@ def find_python(version: str) -> str | None:
     found = glob.glob(os.path.join(pyenv, "versions", f"{version}.*", "bin", f"python{version}"))
     found.sort(key=lambda p: [int(x) for x in re.findall(r"\d+", Path(p).parts[-3])], reverse=True)
     candidates += found
+    # the interpreter's own binary, not a pyenv shim or a venv's python found on PATH
+    probe = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys._base_executable)"
     for exe in candidates:
-        out = subprocess.run(
-            [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode == 0 and out.stdout.strip() == version:
-            return exe
+        out = subprocess.run([exe, "-c", probe], capture_output=True, text=True)
+        lines = out.stdout.split()
+        if out.returncode == 0 and len(lines) == 2 and lines[0] == version:
+            return lines[1]
     return None
 
 
@@ -296,6 +295,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         "no:cacheprovider",
                         "-m",
                         "not integration",
+                        *args.pytest_args.split(),
                         "tests",
                     ],
                     str(ROOT),
@@ -346,6 +346,7 @@ def main() -> int:
     c.add_argument("--dist", default="dist")
     c.add_argument("--no-smoke", dest="smoke", action="store_false")
     c.add_argument("--allow-missing", action="store_true", help="exit 0 if nothing to check")
+    c.add_argument("--pytest-args", default="", help="extra pytest arguments (e.g. --ignore=...)")
     args = ap.parse_args()
     return cmd_build(args) if args.cmd == "build" else cmd_check(args)
 
