@@ -152,6 +152,22 @@ def inspect_wheel(whl: Path, report: list[str]) -> list[str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    interpreters, missing = {}, []
+    for version in args.pythons.split():
+        exe = find_python(version)
+        if exe is None:
+            log(
+                f"!! MISSING: no python{version} (looked on PATH and in ~/.pyenv/versions); "
+                f"its wheel is NOT built"
+            )
+            missing.append(version)
+        else:
+            interpreters[version] = exe
+    if not interpreters:
+        if args.allow_missing:
+            log("!! SKIPPED: none of the requested interpreters is installed; nothing built")
+            return 0
+        return 1
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("kfast-*"):
@@ -166,17 +182,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     sdists = sorted(out.glob("kfast-*.tar.gz"))
     log(f"   {sdists[0].name} ({time.monotonic() - t0:.0f} s)")
-    built, missing, problems = [], [], []
+    built, problems = [], []
     summary = []
-    for version in args.pythons.split():
-        exe = find_python(version)
-        if exe is None:
-            log(
-                f"!! MISSING: no python{version} (looked on PATH and in ~/.pyenv/versions); "
-                f"its wheel is NOT built"
-            )
-            missing.append(version)
-            continue
+    for version, exe in interpreters.items():
         leaks = cflags_problems(exe)
         if leaks:
             problems += [
@@ -227,9 +235,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         log(f"!! MISSING interpreters, no wheel: {' '.join(missing)}")
     for p in problems:
         log(f"!! {p}")
-    if not built and not problems and args.allow_missing:
-        log("!! SKIPPED: none of the requested interpreters is installed; no wheel built")
-        return 0
     return 1 if problems or not built else 0
 
 
