@@ -67,8 +67,42 @@ def object_array(values: list[Any], converter: Any) -> Any:
             dtype = protobuf_type(pa, field, ())
         except _Recursive:
             return _json_array(pa, values)
-        return _typed_array(pa, values, dtype)
+        return _typed_array(pa, [_pb_prepare(v, field) for v in values], dtype)
     return _json_array(pa, values)
+
+
+_PB_WRAPPERS = {
+    f"google.protobuf.{w}Value": w
+    for w in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+}
+_PB_JSON = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+_PB_TIME = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"})
+
+
+def _pb_prepare(v: Any, fd: Any) -> Any:
+    """A Protobuf field's value with its Struct/Value/ListValue parts as JSON text."""
+    msg = fd.message_type
+    if v is None or msg is None:
+        return v
+    if msg.GetOptions().map_entry:
+        vfd = msg.fields_by_number[2]
+        return {k: _pb_message(x, vfd) for k, x in v.items()}
+    if fd.is_repeated:
+        return [_pb_message(x, fd) for x in v]
+    return _pb_message(v, fd)
+
+
+def _pb_message(v: Any, fd: Any) -> Any:
+    msg = fd.message_type
+    if v is None or msg is None:
+        return v
+    if msg.full_name in _PB_JSON:
+        return _json_text(v)
+    if msg.full_name in _PB_WRAPPERS or msg.full_name in _PB_TIME:
+        return v
+    return {f.name: _pb_prepare(v.get(f.name), f) for f in msg.fields}
 
 
 def _plain(pa: Any, t: Any) -> Any:
@@ -126,6 +160,14 @@ def _pb_scalar(pa: Any, fd: Any, stack: tuple[str, ...]) -> Any:
     t = fd.type
     if t in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
         name = fd.message_type.full_name
+        if name == "google.protobuf.Timestamp":
+            return pa.timestamp("us", tz="UTC")
+        if name == "google.protobuf.Duration":
+            return pa.duration("us")
+        if name in _PB_JSON:
+            return pa.string()
+        if name in _PB_WRAPPERS:
+            return _pb_scalar(pa, fd.message_type.fields_by_number[1], stack)
         if name in stack:
             raise _Recursive()
         inner = (*stack, name)
@@ -159,11 +201,12 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _json_text(v: Any) -> str:
+    return json.dumps(v, default=_json_default)
+
+
 def _json_array(pa: Any, values: list[Any]) -> Any:
-    return pa.array(
-        [None if v is None else json.dumps(v, default=_json_default) for v in values],
-        type=pa.string(),
-    )
+    return pa.array([None if v is None else _json_text(v) for v in values], type=pa.string())
 
 
 _TIME_LOGICAL = {
@@ -298,6 +341,8 @@ def _union(pa: Any, s: Any, values: list[Any]) -> Any:
     offsets: list[int] = []
     for v in values:
         code = next((i for i, b in enumerate(branches) if _fits(b, v)), -1)
+        if v is None and code < 0:
+            code = 0  # under a null parent: a null in the first branch
         if code < 0:
             raise TypeError(f"value {v!r} fits no branch of the union")
         types.append(code)

@@ -193,6 +193,7 @@ _FIXED = {
     (COL_INT64, "int"): b"l",
     (COL_INT64, "uint64"): b"L",
     (COL_INT64, "time-micros"): b"ttu",
+    (COL_INT64, "duration-micros"): b"tDu",
     (COL_INT64, "timestamp-millis"): b"tsm:UTC",
     (COL_INT64, "timestamp-micros"): b"tsu:UTC",
     (COL_INT64, "local-timestamp-millis"): b"tsm:",

@@ -406,6 +406,8 @@ cdef class Batch:
         lo = [start] * self.ncols
         hi = [stop] * self.ncols
         for k in range(self.ncols):
+            if k not in self.col_nodes:
+                continue  # hidden source of a derived column (Protobuf well-known types)
             p = self.parents[k]
             if p >= 0:
                 lo[k] = col_offset(&self.cols[p], lo[p])
@@ -566,6 +568,7 @@ cdef int _copy_slots(Column* src, Column* dst, Py_ssize_t lo, Py_ssize_t hi, Py_
 
 cdef enum IntConv:
     _IC_INT, _IC_UINT32, _IC_UINT64, _IC_TS_MILLIS, _IC_TS_MICROS, _IC_DATE, _IC_TIME_MILLIS, _IC_TIME_MICROS
+    _IC_DURATION_MICROS
 
 _INT_CONVS = {
     "int": _IC_INT,
@@ -578,6 +581,7 @@ _INT_CONVS = {
     "date": _IC_DATE,
     "time-millis": _IC_TIME_MILLIS,
     "time-micros": _IC_TIME_MICROS,
+    "duration-micros": _IC_DURATION_MICROS,
 }
 
 
@@ -687,6 +691,8 @@ cdef list _column_values(Column* c, str conv, object arg, Py_ssize_t start, Py_s
             out[i] = _date_from_days(v)
         elif code == _IC_TIME_MILLIS:
             out[i] = _time_from_micros(v * 1000)
+        elif code == _IC_DURATION_MICROS:
+            out[i] = _dt.timedelta(microseconds=v)
         else:
             out[i] = _time_from_micros(v)
     return out

@@ -25,6 +25,7 @@ conv                   column kind         Python value
 ``decimal``            BINARY (two's c.)   ``decimal.Decimal``; ``arg`` = scale
 ``uuid``               BINARY              ``uuid.UUID``
 ``duration``           BINARY (12 bytes)   as fastavro returns it
+``duration-micros``    INT64               ``datetime.timedelta`` (Protobuf Duration)
 ``null``               (no column)         ``None``
 =====================  ==================  ==========================================
 """

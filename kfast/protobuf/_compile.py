@@ -59,6 +59,33 @@ KIND: dict[int, tuple[int, str]] = {
     FD.TYPE_SINT64: (COL_INT64, "int"),
 }
 
+# Well-known types stored as one column (see docs/protobuf.md): the message is
+# decoded into hidden columns as usual, then ``_decoder`` derives the visible
+# column from them (D_* codes, mirrored in _decoder.pyx).
+D_TIMESTAMP, D_DURATION, D_WRAPPER = 1, 2, 3
+WKT_DERIVED: dict[str, int] = {
+    "google.protobuf.Timestamp": D_TIMESTAMP,
+    "google.protobuf.Duration": D_DURATION,
+    **{
+        f"google.protobuf.{w}Value": D_WRAPPER
+        for w in (
+            "Double",
+            "Float",
+            "Int64",
+            "UInt64",
+            "Int32",
+            "UInt32",
+            "Bool",
+            "String",
+            "Bytes",
+        )
+    },
+}
+# JSON-shaped well-known types: an OBJECT column of their JSON value.
+WKT_JSON = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+
 WIRE: dict[int, int] = {t: 0 for t in KIND}
 WIRE.update(
     {
@@ -105,6 +132,8 @@ class Plan:
     spec: tuple[tuple[str, int, bool], ...]
     layout: RecordNode
     converters: tuple[Any, ...]
+    # (D_* code, presence column, source column, second source or -1, derived column)
+    derived: tuple[tuple[int, int, int, int, int], ...] = ()
     field_size: int = PFIELD_WORDS * 4
     msg_size: int = PMSG_WORDS * 4
 
@@ -139,6 +168,7 @@ class _Compiler:
         self.vtypes: list[list[int]] = []
         self.vfields: list[list[int]] = []
         self.in_oneof_member = 0
+        self.derived: list[tuple[int, int, int, int, int]] = []
 
     # ------------------------------------------------------------ helpers
 
@@ -273,6 +303,8 @@ class _Compiler:
             return row, node
         if t in _MESSAGE_TYPES:
             sub = fd.message_type
+            if sub.full_name in WKT_JSON:
+                return self.object_field(fd, name, row, fr, repeated=fd.is_repeated)
             recursive = sub.full_name in ancestors
             over = self.in_oneof_member == 0 and len(self.spec) >= self.max_columns
             inner = ancestors | {sub.full_name}
@@ -286,7 +318,7 @@ class _Compiler:
                 fr.children.append(smi)
                 row[1], row[8], row[9], row[11] = M_LIST_MSG, lc, ec, smi
                 fr.ops.append([OP_LIST, 0, -1, lc, ec, -1, 0, 0])
-                return row, ListNode(lc, RecordNode(fields, valid_col=ec))
+                return row, ListNode(lc, self.derive(sub, RecordNode(fields, valid_col=ec)))
             if recursive or over or (oneof >= 0 and self.appends(sub, inner)):
                 return self.object_field(fd, name, row, fr, repeated=False)
             sc = self.col(name, COL_STRUCT, True)
@@ -298,7 +330,7 @@ class _Compiler:
             self.in_oneof_member -= oneof >= 0
             op[6] = len(fr.ops)
             row[1], row[6], row[7], row[8], row[11] = M_INLINE, slot, fr.nslots, sc, smi
-            return row, RecordNode(fields, valid_col=sc)
+            return row, self.derive(sub, RecordNode(fields, valid_col=sc))
         kind = KIND[t][0]
         row[13] = self.enum_set(fd)
         if fd.is_repeated:
@@ -312,6 +344,26 @@ class _Compiler:
         row[1], row[6], row[8] = M_SCALAR, slot, c
         fr.ops.append([OP_SCALAR, t, slot, c, -1, -1, 0, 0])
         return row, self.value_node(c, fd)
+
+    def derive(self, sub: Descriptor, node: RecordNode) -> Any:
+        """A Timestamp, Duration or wrapper message becomes one nullable column
+        named like the message's presence column, which is renamed (hidden:
+        no layout node reads it or its children)."""
+        code = WKT_DERIVED.get(sub.full_name)
+        if code is None:
+            return node
+        sc = node.valid_col
+        name, _, _ = self.spec[sc]
+        self.spec[sc] = (name + ".present", COL_STRUCT, self.spec[sc][2])
+        cols: dict[str, Any] = dict(node.fields)
+        if code == D_WRAPPER:
+            inner = cols["value"]
+            dc = self.col(name, self.spec[inner.col][1], True)
+            self.derived.append((code, sc, inner.col, -1, dc))
+            return ValueNode(dc, inner.conv, inner.arg)
+        dc = self.col(name, COL_INT64, True)
+        self.derived.append((code, sc, cols["seconds"].col, cols["nanos"].col, dc))
+        return ValueNode(dc, "timestamp-micros" if code == D_TIMESTAMP else "duration-micros")
 
     def object_field(
         self, fd: Any, name: str, row: list[int], fr: _Frame, repeated: bool
@@ -354,4 +406,5 @@ def compile_plan(desc: Descriptor, *, max_depth: int = 100, max_columns: int = 4
         spec=tuple(comp.spec),
         layout=RecordNode(fields),
         converters=tuple(comp.converters),
+        derived=tuple(comp.derived),
     )

@@ -5,21 +5,48 @@ Fields kfast keeps as raw bytes (recursive messages, maps with message values,
 exactly the form the columnar path produces: every field is a key; unset
 explicit-presence fields are ``None``; enums are symbol names (unknown numbers
 stay ``int``); messages are dicts; repeated fields lists; maps dicts.
+Well-known types as in the columns: ``Timestamp`` a UTC ``datetime``,
+``Duration`` a ``timedelta`` (both to the microsecond, nanoseconds rounded
+toward zero), wrappers their value, ``Struct``/``Value``/``ListValue`` their
+JSON value (dict, list, str, float, bool or None).
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _PLANS: dict[str, list[tuple[str, Callable[[Any], Any]]]] = {}
 
 
+_UTC = datetime.timezone.utc
+_WRAPPERS = frozenset(
+    f"google.protobuf.{w}Value"
+    for w in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+)
+_JSON = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+
+
+def well_known(name: str) -> Callable[[Any], Any] | None:
+    """The Python value of a well-known type (the columnar path's form)."""
+    if name == "google.protobuf.Timestamp":
+        return lambda m: m.ToDatetime(tzinfo=_UTC)
+    if name == "google.protobuf.Duration":
+        return lambda m: m.ToTimedelta()
+    if name in _WRAPPERS:
+        return lambda m: m.value
+    if name in _JSON:
+        return json_format.MessageToDict
+    return None
+
+
 def _value_converter(fd: Any) -> Callable[[Any], Any] | None:
     if fd.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
-        return message_to_dict
+        return well_known(fd.message_type.full_name) or message_to_dict
     if fd.type == FieldDescriptor.TYPE_ENUM:
         names = {n: v.name for n, v in fd.enum_type.values_by_number.items()}
         return lambda v: names.get(v, v)

@@ -131,6 +131,7 @@ cdef class ProtobufDecoderBase(BaseDecoder):
     cdef tuple spec
     cdef object layout_
     cdef object converters
+    cdef tuple derived      # well-known types: (code, presence col, src, src2, dst)
 
 
 cdef class FramedProtobufDecoder(BaseDecoder):

@@ -22,6 +22,7 @@ from libc.string cimport memcmp, memcpy, memmove, memset
 
 from kfast._batch cimport Batch, BaseDecoder
 from kfast._columns cimport (
+    COL_BINARY,
     COL_OBJECT,
     COL_STRUCT,
     Column,
@@ -31,12 +32,14 @@ from kfast._columns cimport (
     col_append_bytes,
     col_append_f32,
     col_append_f64,
+    col_append_fixed,
     col_append_i32,
     col_append_i64,
     col_append_list_end,
     col_append_null,
     col_append_struct,
     col_end_offset,
+    col_is_valid,
     col_mark,
 )
 
@@ -1082,6 +1085,45 @@ cdef void* _copy_table(object data, Py_ssize_t itemsize) except? NULL:
     return out
 
 
+# Well-known types (_compile.WKT_DERIVED): one column derived from the
+# message's hidden columns once every payload is decoded.
+cdef enum:
+    D_TIMESTAMP = 1
+    D_DURATION = 2
+    D_WRAPPER = 3
+
+
+cdef int _derive(Batch out, int code, Py_ssize_t pc, Py_ssize_t a, Py_ssize_t b,
+                 Py_ssize_t d) noexcept nogil:
+    cdef Column* present = &out.cols[pc]
+    cdef Column* src = &out.cols[a]
+    cdef Column* dst = &out.cols[d]
+    cdef Py_ssize_t i, n = present.length
+    cdef int64_t secs, v
+    cdef int32_t nanos, lo, hi
+    for i in range(n):
+        if not col_is_valid(present, i) or not col_is_valid(src, i):
+            if col_append_null(dst) < 0:
+                return -1
+            continue
+        if code == D_WRAPPER:
+            if src.kind == COL_BINARY:
+                lo = (<int32_t*>src.offsets.data)[i]
+                hi = (<int32_t*>src.offsets.data)[i + 1]
+                if col_append_bytes(dst, src.values.data + lo, hi - lo) < 0:
+                    return -1
+            elif col_append_fixed(dst, src.values.data + i * src.width) < 0:
+                return -1
+            continue
+        secs = (<int64_t*>src.values.data)[i]
+        nanos = (<int32_t*>out.cols[b].values.data)[i]
+        # microseconds; nanos rounded toward zero, as ToDatetime()/ToTimedelta() do
+        v = secs * 1000000 + (nanos // 1000 if nanos >= 0 else -((-nanos) // 1000))
+        if col_append_i64(dst, v) < 0:
+            return -1
+    return 0
+
+
 cdef class ProtobufDecoderBase(BaseDecoder):
     """The compiled half of ``kfast.ProtobufDecoder`` (tables + nogil loop)."""
 
@@ -1114,6 +1156,7 @@ cdef class ProtobufDecoderBase(BaseDecoder):
         self.spec = plan.spec
         self.layout_ = plan.layout
         self.converters = plan.converters
+        self.derived = tuple(plan.derived)
 
     @staticmethod
     def _struct_sizes():
@@ -1205,6 +1248,9 @@ cdef class ProtobufDecoderBase(BaseDecoder):
                 if err_field[i]:
                     reason = f"{reason} (field {err_field[i]})"
                 errors.append(RowError(err_idx[i], f"{reason} at byte {err_pos[i]}"))
+            for d in self.derived:
+                if _derive(out, d[0], d[1], d[2], d[3], d[4]) < 0:
+                    raise MemoryError("out of memory while decoding Protobuf payloads")
             out.finish()
         finally:
             free(saved)
