@@ -189,6 +189,7 @@ class ConfluentDecoder(FramedAvroDecoder):
         self._programs: BoundedCache[int, Program] = BoundedCache(max_cached_schemas)
         self._protobuf: ConfluentProtobufDecoder | None = None
         self._no_columns: Program | None = None
+        self._subject_entry: RegisteredSchema | None = None
 
     def schema_id_of(self, value: Any) -> int | None:
         """The schema id a payload is framed with, or None when it is not framed (only the
@@ -202,14 +203,20 @@ class ConfluentDecoder(FramedAvroDecoder):
     def kind(self) -> str:
         """``"AVRO"`` or ``"PROTOBUF"``: how every batch is decoded (may ask for ``subject``)."""
         if self._kind is None:
-            assert self.subject is not None
-            entry = self.store.latest(self.subject)
+            entry = self._newest()
             if entry.schema_type not in _KINDS:
                 raise ConfigError(
                     f"subject {self.subject!r}: {entry.schema_type} schemas are not decoded"
                 )
             self._kind = entry.schema_type
         return self._kind
+
+    def _newest(self) -> RegisteredSchema:
+        """The newest version of ``subject``, asked once for the decoder's life."""
+        if self._subject_entry is None:
+            assert self.subject is not None
+            self._subject_entry = self.store.latest(self.subject)
+        return self._subject_entry
 
     def _writer(self, entry: RegisteredSchema) -> _schema.Schema:
         return _schema.parse(resolve_references(self.store, entry))
@@ -230,8 +237,7 @@ class ConfluentDecoder(FramedAvroDecoder):
                 self._no_columns = Program(_schema.compile_schema(_schema.parse(_NO_FIELDS)))
             return self._no_columns
         if self._columns is None:
-            assert self.subject is not None
-            entry = self.store.latest(self.subject)
+            entry = self._newest()
             if entry.schema_type != "AVRO":
                 raise ConfigError(f"subject {self.subject!r}: newest schema is {entry.schema_type}")
             self._set_reader(self._writer(entry))
