@@ -76,6 +76,7 @@ cdef enum Op:
     OP_U32_INT8 = 23     # INT32 holding a uint32 -> int8
     OP_U64_INT8 = 24     # INT64 holding a uint64 -> int8 (values > 2^63-1 are an error)
     OP_U64_NUMERIC = 25  # INT64 holding a uint64 -> numeric
+    OP_INTERVAL_US = 26  # INT64 us (a duration) -> interval
 
 OPS = {
     "bool": OP_BOOL, "int4": OP_INT4, "int8_i32": OP_INT8_I32, "int8": OP_INT8,
@@ -85,7 +86,7 @@ OPS = {
     "ts_ms": OP_TS_MS, "ts_us": OP_TS_US, "ts_ns": OP_TS_NS,
     "array": OP_ARRAY, "map_jsonb": OP_MAP_JSONB, "pre": OP_PRE, "rownum": OP_ROWNUM,
     "jsonb_str": OP_JSONB_STR, "u32_int8": OP_U32_INT8, "u64_int8": OP_U64_INT8,
-    "u64_numeric": OP_U64_NUMERIC,
+    "u64_numeric": OP_U64_NUMERIC, "interval_us": OP_INTERVAL_US,
 }
 
 # Column kind each scalar op reads (0: not a scalar op).
@@ -96,7 +97,7 @@ cdef int _op_kind(int op) noexcept nogil:
             or op == OP_U32_INT8:
         return COL_INT32
     if op == OP_INT8 or op == OP_TIME_US or op == OP_TS_MS or op == OP_TS_US or op == OP_TS_NS \
-            or op == OP_U64_INT8 or op == OP_U64_NUMERIC:
+            or op == OP_U64_INT8 or op == OP_U64_NUMERIC or op == OP_INTERVAL_US:
         return COL_INT64
     if op == OP_FLOAT4 or op == OP_FLOAT8_F32:
         return COL_FLOAT32
@@ -571,6 +572,16 @@ cdef int _put_scalar(GrowBuf* o, FieldPlan* f, int op, Column* c, Py_ssize_t i) 
     if op == OP_TS_NS:
         v = _floordiv((<int64_t*>c.values.data)[i], 1000) - PG_EPOCH_US
         return _put_len_u64(o, 8, <uint64_t>v)
+    if op == OP_INTERVAL_US:
+        # interval_send: int64 microseconds, int32 days, int32 months (all in the first)
+        if _reserve(o, 20) < 0:
+            return ST_NOMEM
+        _w32(o.data + o.len, 16)
+        _w64(o.data + o.len + 4, <uint64_t>(<int64_t*>c.values.data)[i])
+        _w32(o.data + o.len + 12, 0)
+        _w32(o.data + o.len + 16, 0)
+        o.len += 20
+        return ST_OK
     return ST_BAD_SHAPE
 
 

@@ -42,6 +42,7 @@ SCALAR: dict[tuple[str, str], dict[str, str]] = {
     ("local-timestamp-millis", "INT64"): {t: "ts_ms" for t in _LTS},
     ("local-timestamp-micros", "INT64"): {t: "ts_us" for t in _LTS},
     ("local-timestamp-nanos", "INT64"): {t: "ts_ns" for t in _LTS},
+    ("duration-micros", "INT64"): {"interval": "interval_us"},
 }
 # Ops the encoder can write as the value of a jsonb map (the C fast path for maps).
 JSON_SCALAR_OPS = frozenset(
