@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from runtime_util import SCHEMA, Recorder, Runner, pipeline, produce_ids, wait_until
 
 import kfast
@@ -110,6 +110,12 @@ def _read_all(kind: str, conf: dict[str, Any], topic: str, total: int) -> tuple[
             assert time.monotonic() < deadline, f"{kind}: no commit result or statistics"
             assert not src.async_commits_failed
             src.consume(10, 0.1)
+        with pytest.raises(KafkaException):  # a partition that does not exist
+            src.commit([(topic, 99, 1)], asynchronous=False)
+        src.consume(10, 0.3)
+        # sync commits report by raising, never through the commit callback
+        stats["async_commits_ok"] = src.async_commits_ok
+        stats["async_commits_failed"] = src.async_commits_failed
         stats["lag_after_commit"] = src.query_lag(10)
         stats["stats_lag_partitions"] = len(src.lag)
         stats["take_commit_failures"] = src.take_commit_failures()
@@ -150,6 +156,7 @@ def test_both_sources_fill_the_ring_identically(
     assert stats_c["lag_after_commit"] == 0
     assert stats_c["stats_lag_partitions"] == PARTITIONS
     assert stats_c["take_commit_failures"] == []
+    assert (stats_c["async_commits_ok"], stats_c["async_commits_failed"]) == (1, 0)
     # the data really has every shape: tombstones, empty and absent keys, headers
     assert stats_c["tombstones"] == sum(v is None for v in values)
     assert stats_c["oversized"] == 1

@@ -66,7 +66,7 @@ _SYMBOLS = (
     "resume_partitions", "seek_partitions", "commit", "topic_partition_list_new",
     "topic_partition_list_add", "topic_partition_list_destroy", "error_code",
     "error_string", "error_destroy", "fatal_error", "committed", "query_watermark_offsets",
-    "destroy_flags",
+    "destroy_flags", "commit_queue",
 )
 
 # The oldest librdkafka with every function above (seek_partitions: 1.6.0,
@@ -247,6 +247,26 @@ cdef void _log_cb(const rd_kafka_t* rk, int level, const char* fac,
         c.owner._on_log(level, _s(fac), _s(buf))
     except BaseException:
         pass   # a log line must never break consuming
+
+
+cdef struct SyncCommit:
+    rd_kafka_resp_err_t err
+    rd_kafka_resp_err_t part_err
+    int part_index
+
+
+cdef void _sync_commit_cb(rd_kafka_t* rk, rd_kafka_resp_err_t err,
+                          rd_kafka_topic_partition_list_t* parts, void* opaque) noexcept nogil:
+    """The result of one synchronous commit (served inside commit_queue, no GIL)."""
+    cdef SyncCommit* res = <SyncCommit*>opaque
+    cdef int i
+    res.err = err
+    if parts != NULL:
+        for i in range(parts.cnt):
+            if parts.elems[i].err:
+                res.part_err = parts.elems[i].err
+                res.part_index = i
+                break
 
 
 cdef class Consumer:
@@ -561,20 +581,31 @@ cdef class Consumer:
     def commit(self, list offsets, bint asynchronous):
         """Commit [(topic, partition, next offset)]. Asynchronous: the result
         arrives in ``owner._on_commit_result`` from a later consume call.
-        Synchronous: waits (GIL released) and raises KafkaException on failure."""
+        Synchronous: waits (GIL released) with a callback of its own - so, as
+        with confluent-kafka, ``_on_commit_result`` does not see it - and raises
+        KafkaException on failure."""
         self._check()
         cdef rd_kafka_topic_partition_list_t* lst = _c_list(offsets)
         cdef rd_kafka_resp_err_t r
-        cdef int is_async = 1 if asynchronous else 0
-        with nogil:
-            r = api.commit(self.rk, lst, is_async)
-        failed = [] if r else [(t, p, e) for t, p, _o, e in _tuples(lst) if e]
+        cdef SyncCommit res
+        res.err = 0
+        res.part_err = 0
+        res.part_index = -1
+        if asynchronous:
+            r = api.commit(self.rk, lst, 1)
+        else:
+            with nogil:
+                # no queue: librdkafka waits for the result and serves _sync_commit_cb here
+                r = api.commit_queue(self.rk, lst, NULL, _sync_commit_cb, &res)
+            if not r:
+                r = res.err
+        if not r and res.part_err:
+            item = offsets[res.part_index] if 0 <= res.part_index < len(offsets) else ("?", -1)
+            api.topic_partition_list_destroy(lst)
+            raise _kafka_exception(res.part_err, f"{item[0]}[{item[1]}]: {_err_str(res.part_err)}")
         api.topic_partition_list_destroy(lst)
         if r:
             raise _kafka_exception(r, _err_str(r))
-        if failed and not asynchronous:
-            t, p, e = failed[0]
-            raise _kafka_exception(e, f"{t}[{p}]: {_err_str(e)}")
 
     def committed(self, list partitions, double timeout):
         """[(topic, partition, committed offset or -1001)] from the group coordinator."""

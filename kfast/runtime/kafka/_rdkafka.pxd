@@ -68,7 +68,7 @@ ctypedef struct rd_kafka_topic_partition_list_t:
 ctypedef void (*rebalance_cb_t)(rd_kafka_t*, rd_kafka_resp_err_t,
                                 rd_kafka_topic_partition_list_t*, void*) noexcept
 ctypedef void (*commit_cb_t)(rd_kafka_t*, rd_kafka_resp_err_t,
-                             rd_kafka_topic_partition_list_t*, void*) noexcept
+                             rd_kafka_topic_partition_list_t*, void*) noexcept nogil
 ctypedef void (*error_cb_t)(rd_kafka_t*, int, const char*, void*) noexcept
 ctypedef int (*stats_cb_t)(rd_kafka_t*, char*, size_t, void*) noexcept
 ctypedef void (*log_cb_t)(const rd_kafka_t*, int, const char*, const char*) noexcept
@@ -138,3 +138,5 @@ ctypedef struct RdKafkaAPI:
     rd_kafka_resp_err_t (*query_watermark_offsets)(rd_kafka_t*, const char*, int32_t,
                                                    int64_t*, int64_t*, int) noexcept nogil
     void (*destroy_flags)(rd_kafka_t*, int) noexcept nogil
+    rd_kafka_resp_err_t (*commit_queue)(rd_kafka_t*, const rd_kafka_topic_partition_list_t*,
+                                        rd_kafka_queue_t*, commit_cb_t, void*) noexcept nogil
