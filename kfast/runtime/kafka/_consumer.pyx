@@ -76,25 +76,33 @@ MIN_VERSION = 0x010600ff
 
 def _find_loaded():
     """Path of the librdkafka confluent-kafka loaded into this process, or None."""
-    import confluent_kafka.cimpl  # noqa: F401  (loads librdkafka)
+    import glob
+    import os
+
+    import confluent_kafka.cimpl  # loads librdkafka
+    # the wheel's own copy sits next to the package (auditwheel / delocate)
+    base = os.path.dirname(os.path.dirname(confluent_kafka.cimpl.__file__))
+    bundled = []
+    for pattern in ("confluent_kafka.libs/librdkafka*", "confluent_kafka/.dylibs/librdkafka*"):
+        bundled += sorted(glob.glob(os.path.join(base, pattern)))
+    mapped = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 path = line.rstrip("\n").split(None, 5)[-1]
                 name = path.rsplit("/", 1)[-1]
-                if name.startswith("librdkafka") and ".so" in name:
-                    return path
+                if name.startswith("librdkafka") and ".so" in name and path not in mapped:
+                    mapped.append(path)
     except OSError:
-        pass
-    # no /proc (macOS): the wheel's bundled copy next to confluent_kafka
-    import glob
-    import os
-    base = os.path.dirname(os.path.dirname(confluent_kafka.cimpl.__file__))
-    for pattern in ("confluent_kafka.libs/librdkafka*", "confluent_kafka/.dylibs/librdkafka*"):
-        found = sorted(glob.glob(os.path.join(base, pattern)))
-        if found:
-            return found[0]
-    return None
+        pass   # no /proc (macOS)
+    # prefer the bundled copy if it is the one in the process; a librdkafka
+    # some other module loaded is not necessarily confluent-kafka's
+    for path in mapped:
+        if any(os.path.realpath(path) == os.path.realpath(b) for b in bundled):
+            return path
+    if mapped:
+        return mapped[0]   # confluent-kafka built against a system librdkafka
+    return bundled[0] if bundled else None
 
 
 def load(path=None):
