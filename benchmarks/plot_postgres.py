@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
         vals = [cpu[k].get(part, 0.0) for k in ck]
         ax2.bar([LABELS[k] for k in ck], vals, bottom=bottom, color=color, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax2.tick_params(axis="x", labelsize=7)
+    ax2.tick_params(axis="x", labelsize=7, labelrotation=45)
     ax2.set_ylabel("CPU µs per row (from /proc)")
     ax2.set_title("CPU per row: client process, PostgreSQL, Kafka broker", fontsize=9)
     ax2.legend(fontsize=8)
