@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -218,14 +219,23 @@ class Source:
             return sum(v for v in self.lag.values() if v >= 0)
 
     def query_lag(self, timeout: float) -> int | None:
-        """Total lag of the assignment asked from the broker; None if unknown."""
+        """Total lag of the assignment asked from the broker; None if unknown.
+
+        ``timeout`` bounds the whole query (it runs on the poll thread): one
+        ``committed()`` call and one watermark request per partition; a query
+        that does not finish in time answers None.
+        """
+        deadline = time.monotonic() + timeout
         assignment = self.consumer.assignment()
         if not assignment:
             return 0
         committed = self.consumer.committed(assignment, timeout=timeout)
         total = 0
         for tp in committed:
-            low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=left, cached=False)
             if high < 0:
                 return None
             # no committed offset yet: count the whole partition (auto.offset.reset=earliest)
