@@ -78,7 +78,13 @@ def _ids(pg_dsn: str, table: str) -> list[int]:
 
 
 def _pipeline(
-    kafka_broker: Any, pg_dsn: str, topic: str, group: str, decoder: Any, table: str
+    kafka_broker: Any,
+    pg_dsn: str,
+    topic: str,
+    group: str,
+    decoder: Any,
+    table: str,
+    deadline: float = 180,
 ) -> Any:
     return kfast.Pipeline(
         kafka={
@@ -91,7 +97,9 @@ def _pipeline(
         sink=PostgresSink(pg_dsn, table, mode="copy"),
         batch=kfast.BatchPolicy(max_rows=50, max_wait=0.05),
         # the deadline covers the outage and the registry's restart on a loaded machine
-        retry=RetryPolicy(max_attempts=1000, initial_backoff=0.1, max_backoff=1.0, deadline=180),
+        retry=RetryPolicy(
+            max_attempts=1000, initial_backoff=0.1, max_backoff=1.0, deadline=deadline
+        ),
         dlq=DeadLetterPolicy(topic + ".dlq"),
         memory_limit="64MiB",
         install_signal_handlers=False,
@@ -290,3 +298,47 @@ def test_an_id_the_registry_does_not_have_dead_letters_only_its_rows(
         h = dict(m.headers())
         assert h["kfast.schema.id"] == str(missing).encode()
         assert h["kfast.error.message"].startswith(f"unknown schema id {missing}".encode())
+
+
+def test_an_outage_past_the_retry_deadline_stops_without_committing(
+    schema_registry: SchemaRegistry,
+    kafka_broker: Any,
+    pg_dsn: str,
+    unique_topic: str,
+    unique_group: str,
+) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from kfast.errors import RetryExhausted
+
+    table = "orders_registry_deadline"
+    _table(pg_dsn, table)
+    kafka_broker.create_topic(unique_topic)
+    kafka_broker.create_topic(unique_topic + ".dlq")
+    values = _serialize(schema_registry, unique_topic, ORDER_SCHEMA, _orders(0, 60))
+    kafka_broker.produce(unique_topic, values)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens there: a registry that stays down
+    down = ConfluentDecoder(f"http://127.0.0.1:{closed}", reader_schema=ORDER_SCHEMA)
+    pipe = _pipeline(kafka_broker, pg_dsn, unique_topic, unique_group, down, table, deadline=3)
+    runner = Runner(pipe)
+    runner.thread.join(90)
+    assert not runner.thread.is_alive(), "the pipeline did not stop at the retry deadline"
+    assert isinstance(runner.error, RetryExhausted)
+    assert _ids(pg_dsn, table) == []
+    c = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": unique_group})
+    try:
+        committed = c.committed([TopicPartition(unique_topic, 0)], timeout=10)
+    finally:
+        c.close()
+    assert committed[0].offset < 0  # nothing committed: the next run reads every record again
+    assert consume_all(kafka_broker.bootstrap, unique_topic + ".dlq", expected=0) == []
+    up = ConfluentDecoder(schema_registry.url, reader_schema=ORDER_SCHEMA)
+    pipe = _pipeline(kafka_broker, pg_dsn, unique_topic, unique_group, up, table)
+    runner = Runner(pipe)
+    try:
+        wait_until(lambda: len(_ids(pg_dsn, table)) == 60, 90, "every row on the next run")
+    finally:
+        runner.stop()
+    assert sorted(_ids(pg_dsn, table)) == list(range(60))
