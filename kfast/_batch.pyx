@@ -17,7 +17,7 @@ from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from kfast._columns cimport (
@@ -245,6 +245,15 @@ cdef class Batch:
                 "(release the memoryviews, numpy and Arrow arrays over it, "
                 "or decode into a new batch)")
         n = len(spec)
+        if (self.spec is not None and len(self.spec) > n and self.spec[:n] == spec
+                and self.ncols == len(self.spec)):
+            # last time extended with Kafka coordinate columns (extend_columns):
+            # drop those, keep the decoder's columns and their capacity
+            for k in range(n, self.ncols):
+                col_free(&self.cols[k])
+            self.ncols = n
+            self.spec = spec
+            self.names = self.names[:n]
         if spec == self.spec:
             for k in range(n):
                 col_reset(&self.cols[k])
@@ -270,6 +279,38 @@ cdef class Batch:
         self.errors = []
         self.context = None
         return 0
+
+    def extend_columns(self, tuple extra_spec, tuple extra_fields):
+        """Append empty columns ``extra_spec`` ((name, kind, nullable), ...) and
+        top-level layout fields ``extra_fields`` ((name, node), ...) reading them,
+        after decoding (the Kafka coordinate columns). The next ``setup`` by the
+        same decoder drops them again and recycles the rest."""
+        cdef Py_ssize_t k, m = len(extra_spec), n = self.ncols
+        cdef Column* p
+        if self.exports:
+            raise BufferError("cannot extend a batch with live buffer exports")
+        if not isinstance(self.layout, RecordNode):
+            raise TypeError("only a batch of records can take extra columns")
+        for extra in extra_spec:
+            if extra[0] in self.names:
+                raise ValueError(f"column {extra[0]!r} already exists in the batch")
+        p = <Column*>realloc(self.cols, (n + m if n + m else 1) * sizeof(Column))
+        if p == NULL:
+            raise MemoryError()
+        self.cols = p
+        for k in range(m):
+            name, kind, nullable = extra_spec[k]
+            if col_init(&self.cols[n + k], kind, nullable) < 0:
+                raise MemoryError()
+            self.ncols = n + k + 1
+        self.spec = (self.spec or ()) + extra_spec
+        self.names = self.names + tuple(s[0] for s in extra_spec)
+        self.objects = list(self.objects) + [None] * m
+        if self.object_converters is not None:
+            self.object_converters = tuple(self.object_converters) + (None,) * m
+        self.layout = RecordNode(self.layout.fields + extra_fields, self.layout.valid_col)
+        self._index_layout()
+        return n
 
     cdef _index_layout(self):
         nodes = {}

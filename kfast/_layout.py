@@ -28,6 +28,11 @@ conv                   column kind         Python value
 ``duration-micros``    INT64               ``datetime.timedelta`` (Protobuf Duration)
 ``null``               (no column)         ``None``
 =====================  ==================  ==========================================
+
+Kafka coordinate columns (``metadata_plan``, filled by the ring after
+decoding): topic (BINARY ``str``), partition (INT32), offset (INT64),
+timestamp (INT64 ``timestamp-millis``, null when the message has none) and key
+(BINARY ``bytes``, null for a null key).
 """
 
 from __future__ import annotations
@@ -68,3 +73,32 @@ class ObjectNode:
 
 
 Node = ValueNode | ListNode | MapNode | RecordNode | ObjectNode
+
+
+# Kafka coordinates a batch can carry as ordinary columns (opt-in), and their
+# default column names.
+METADATA_FIELDS: dict[str, str] = {
+    "topic": "kafka_topic",
+    "partition": "kafka_partition",
+    "offset": "kafka_offset",
+    "timestamp": "kafka_timestamp",
+    "key": "kafka_key",
+}
+
+
+def metadata_plan(metadata: Any) -> tuple[tuple[str, str], ...]:
+    """``["topic", "offset"]`` or ``{"offset": "off", ...}`` -> ((field, column), ...)."""
+    if not metadata:
+        return ()
+    if isinstance(metadata, str):
+        raise TypeError("metadata: a list of fields or a {field: column name} dict, not a str")
+    items = metadata.items() if isinstance(metadata, dict) else ((f, None) for f in metadata)
+    plan = []
+    for fld, name in items:
+        if fld not in METADATA_FIELDS:
+            raise ValueError(f"metadata: unknown field {fld!r}; known: {list(METADATA_FIELDS)}")
+        plan.append((fld, str(name) if name else METADATA_FIELDS[fld]))
+    names = [n for _, n in plan]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metadata: duplicate column names {names}")
+    return tuple(plan)

@@ -42,6 +42,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy
 
 from kfast._batch cimport Batch, BaseDecoder
+from kfast._columns cimport Column, col_append_bytes, col_append_i32, col_append_i64, col_append_null
 
 cdef enum:
     F_TOMBSTONE = 1     # value is None
@@ -600,13 +601,16 @@ cdef class Ring:
             s += 1
         return count, total
 
-    def decode(self, BaseDecoder decoder, int64_t start, Py_ssize_t count, Batch out):
+    def decode(self, BaseDecoder decoder, int64_t start, Py_ssize_t count, Batch out,
+               tuple metadata=None):
         """Decode slots [start, start + count) into ``out``; return a RingView.
 
         Slots of partitions revoked since they were pushed are skipped, and so
         are tombstones (no value to decode; they still count as processed).
         The view maps each input index of ``out`` back to its message and
         carries the progress (next offset per partition) the batch makes.
+        ``metadata`` (``kfast._layout.metadata_plan``) adds Kafka coordinate
+        columns to ``out``, filled here for every good row.
         """
         cdef int64_t s
         cdef Py_ssize_t k = 0
@@ -653,6 +657,8 @@ cdef class Ring:
         view.n = k
         view.progress = {i: (self.gen[i], nxt) for i, nxt in progress.items()}
         decoder.decode_spans(self.ptrs, self.lens, k, out)
+        if metadata:
+            _fill_metadata(self, view, out, metadata)
         return view
 
     def release(self, int64_t upto):
@@ -918,3 +924,72 @@ cdef class RingView:
         """{(topic, partition): last offset + 1} for the partitions this batch covers."""
         return {(self.ring.topics[i], self.ring.partitions[i]): nxt
                 for i, (g, nxt) in self.progress.items()}
+
+
+# Kafka coordinate columns (kfast._layout.METADATA_FIELDS): kind, nullable, conv.
+_META_FIELDS = ("topic", "partition", "offset", "timestamp", "key")
+_META_COLUMNS = (
+    (6, False, "str"),                  # topic: COL_BINARY
+    (2, False, "int"),                  # partition: COL_INT32
+    (3, False, "int"),                  # offset: COL_INT64
+    (3, True, "timestamp-millis"),      # timestamp, null when the message has none
+    (6, True, "bytes"),                 # key, null for a null key
+)
+
+
+cdef int _fill_metadata(Ring ring, RingView view, Batch out, tuple metadata) except -1:
+    """Append the coordinate columns of every good row of ``out`` (from its slot)."""
+    from kfast._layout import ValueNode
+    cdef Py_ssize_t base, r, j, nrows = out.num_rows, nparts = len(ring.partitions)
+    cdef const int32_t* src = <const int32_t*>out.source_index.values.data
+    cdef Slot* sl
+    cdef Column* c
+    cdef int64_t seq
+    cdef int rc, code
+    cdef bytes t
+    cdef list topics
+    cdef int32_t* parts = <int32_t*>malloc((nparts or 1) * sizeof(int32_t))
+    if parts == NULL:
+        raise MemoryError()
+    try:
+        for r in range(nparts):
+            parts[r] = ring.partitions[r]
+        topics = [tp.encode() for tp in ring.topics]
+        codes = [_META_FIELDS.index(what) for what, _ in metadata]
+        spec = []
+        fields = []
+        for j in range(len(metadata)):
+            kind, nullable, conv = _META_COLUMNS[codes[j]]
+            name = metadata[j][1]
+            spec.append((name, kind, nullable))
+            fields.append((name, ValueNode(out.ncols + j, conv)))
+        base = out.extend_columns(tuple(spec), tuple(fields))
+        for j in range(len(metadata)):
+            c = &out.cols[base + j]
+            code = codes[j]
+            for r in range(nrows):
+                seq = view.seqs[src[r]]
+                sl = &ring.slots[seq % ring.capacity_messages]
+                if code == 0:
+                    t = topics[sl.part]
+                    rc = col_append_bytes(c, <const unsigned char*>PyBytes_AS_STRING(t),
+                                          PyBytes_GET_SIZE(t))
+                elif code == 1:
+                    rc = col_append_i32(c, parts[sl.part])
+                elif code == 2:
+                    rc = col_append_i64(c, sl.offset)
+                elif code == 3:
+                    rc = col_append_i64(c, sl.timestamp) if sl.timestamp >= 0 else col_append_null(c)
+                elif not (sl.flags & F_KEY):
+                    rc = col_append_null(c)
+                elif sl.flags & F_OVERSIZED:
+                    t = ring.overflow[seq][0]
+                    rc = col_append_bytes(c, <const unsigned char*>PyBytes_AS_STRING(t),
+                                          PyBytes_GET_SIZE(t))
+                else:
+                    rc = col_append_bytes(c, ring.arena + sl.aoff, sl.klen)
+                if rc < 0:
+                    raise MemoryError()
+    finally:
+        free(parts)
+    return 0

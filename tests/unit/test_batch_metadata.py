@@ -1,0 +1,85 @@
+"""Kafka coordinates as ordinary batch columns, filled from the ring (opt-in)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+from confluent_kafka import Message
+from test_runtime_ring import DEC, enc
+
+from kfast._batch import Batch
+from kfast._layout import metadata_plan
+from kfast.runtime.ring import Ring
+
+ALL = ["topic", "partition", "offset", "timestamp", "key"]
+
+
+def _msg(topic: str, part: int, off: int, key: bytes | None, value: bytes, ts: int) -> Message:
+    return Message(topic=topic, partition=part, offset=off, key=key, value=value,
+                   timestamp=(1, ts))  # fmt: skip
+
+
+def _ring() -> tuple[Ring, list[Message]]:
+    ring = Ring(100, 4096)
+    ring.assign("orders", 0)
+    ring.assign("orders", 3)
+    ring.assign("refunds", 1)
+    msgs = []
+    for i in range(12):
+        topic, part = [("orders", 0), ("orders", 3), ("refunds", 1)][i % 3]
+        value = enc(i) if i != 7 else b"\xff"  # 7: not Avro -> a row error
+        key = None if i % 4 == 0 else b"key-%d" % i
+        if i == 5:
+            key = b"K" * 3000  # with the value, too big for the arena: the overflow slot
+        msgs.append(_msg(topic, part, 100 + i, key, value, 1_700_000_000_000 + i))
+    assert ring.push(msgs) == 12
+    return ring, msgs
+
+
+def test_coordinates_are_columns_of_every_good_row() -> None:
+    ring, msgs = _ring()
+    batch = Batch()
+    view = ring.decode(DEC, 0, 12, batch, metadata_plan(ALL))
+    assert [e.index for e in batch.errors] == [7]
+    assert batch.column_names == ["id", "s", "kafka_topic", "kafka_partition", "kafka_offset",
+                                  "kafka_timestamp", "kafka_key"]  # fmt: skip
+    rows = batch.to_pylist()
+    good = [m for i, m in enumerate(msgs) if i != 7]
+    assert [r["id"] for r in rows] == [i for i in range(12) if i != 7]
+    assert [r["kafka_topic"] for r in rows] == [m.topic() for m in good]
+    assert [r["kafka_partition"] for r in rows] == [m.partition() for m in good]
+    assert [r["kafka_offset"] for r in rows] == [m.offset() for m in good]
+    assert [r["kafka_key"] for r in rows] == [m.key() for m in good]
+    assert rows[1]["kafka_timestamp"] == dt.datetime.fromtimestamp(
+        1_700_000_000.001, dt.timezone.utc
+    )
+    for r, i in zip(rows, batch.source_indices):
+        assert (r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]) == (
+            view.topic(i), view.partition(i), view.offset(i))  # fmt: skip
+    table = pa.table(batch)
+    assert table.schema.field("kafka_offset").type == pa.int64()
+    assert table.schema.field("kafka_timestamp").type == pa.timestamp("ms", tz="UTC")
+    assert table.column("kafka_key").to_pylist() == [m.key() for m in good]
+    del table
+    # slices carry the columns; the batch recycles with and without them
+    assert batch.slice(2, 5).to_pylist() == rows[2:5]
+    ring.decode(DEC, 0, 12, batch, metadata_plan({"offset": "off", "partition": "p"}))
+    assert [r["off"] for r in batch.to_pylist()] == [m.offset() for m in good]
+    assert batch.column_names == ["id", "s", "off", "p"]
+    ring.decode(DEC, 0, 12, batch)
+    assert batch.column_names == ["id", "s"]
+    assert batch.to_pylist() == [{"id": r["id"], "s": r["s"]} for r in rows]
+
+
+def test_metadata_plan_rejects_unknown_fields_and_clashes() -> None:
+    assert metadata_plan(None) == ()
+    assert metadata_plan(["offset"]) == (("offset", "kafka_offset"),)
+    with pytest.raises(ValueError, match="unknown field"):
+        metadata_plan(["offsets"])
+    with pytest.raises(ValueError, match="duplicate"):
+        metadata_plan({"offset": "x", "partition": "x"})
+    ring, _ = _ring()
+    with pytest.raises(ValueError, match="already exists"):
+        ring.decode(DEC, 0, 12, Batch(), metadata_plan({"offset": "id"}))
