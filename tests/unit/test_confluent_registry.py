@@ -177,3 +177,25 @@ def test_a_foreign_client_without_timeout_is_named_in_a_warning(
         caplog.clear()
         SchemaStore(SchemaRegistryClient({"url": "http://127.0.0.1:1", "timeout": 5}))
         assert caplog.text == ""
+
+
+def test_the_test_beds_registry_fetch_is_cached_and_uses_a_throwaway_maven_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kfast.testing import registry as testbed
+
+    cmd = testbed.mvn_command(tmp_path / "m2", tmp_path / "out", "3.0.9", "mvn")
+    assert f"-Dmaven.repo.local={tmp_path / 'm2'}" in cmd
+    assert "-Dartifact=io.apicurio:apicurio-registry-app:3.0.9:tar.gz:all" in cmd
+    target = testbed.registry_dir("3.0.9", tmp_path)
+    assert not testbed.is_complete(target)
+    target.mkdir(parents=True)
+    (target / "apicurio-registry-app-3.0.9-runner.jar").write_bytes(b"")
+    (target / testbed.MARKER).write_text("3.0.9\n")
+    # complete: no Maven run (an mvn that fails proves it is not called)
+    assert testbed.fetch_registry(tmp_path, mvn="/bin/false") == target
+    monkeypatch.setenv("KFAST_TEST_REGISTRY", "http://registry.example:8081/apis/ccompat/v7/")
+    external = testbed.SchemaRegistry()
+    assert external.external and external.url == "http://registry.example:8081/apis/ccompat/v7"
+    with pytest.raises(testbed.RegistryStartError):
+        external.restart()
