@@ -55,9 +55,11 @@ class DecodeLoop:
         *,
         retrier: Retrier | None = None,
         throttle: Throttle | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.ring = ring
         self.decoder = decoder
+        self.metadata = metadata or None  # Kafka coordinate columns (kfast._layout.metadata_plan)
         self.policy = policy
         self.batches_in_flight = batches_in_flight
         self.ch = channels
@@ -135,12 +137,12 @@ class DecodeLoop:
 
         def once() -> Any:
             try:
-                return ring.decode(decoder, start, count, out[0])
+                return ring.decode(decoder, start, count, out[0], self.metadata)
             except BufferError:
                 # the sink kept a view of this batch's buffers from an earlier
                 # delivery: leave them to it and decode into a fresh batch
                 out[0] = Batch()
-                return ring.decode(decoder, start, count, out[0])
+                return ring.decode(decoder, start, count, out[0], self.metadata)
             except SchemaRegistryUnavailable:
                 out[0] = Batch()  # nothing half-decoded is carried into the retry
                 raise

@@ -81,6 +81,9 @@ class Pipeline:
     every buffer; ``memory_limit`` is split by :func:`kfast.runtime.memory.plan_memory`
     (``memory_plan()`` shows the split). ``startup_timeout`` (seconds) makes
     ``start()`` wait until the pipeline is ready and fail if it is not by then.
+    ``metadata`` adds Kafka coordinates to every batch as ordinary columns:
+    ``["topic", "partition", "offset", "timestamp", "key"]`` (named
+    ``kafka_topic``, ...) or ``{"offset": "column_name", ...}``.
     ``source`` picks the Kafka consumer: ``"compiled"`` (the default where it
     is available: kfast's consumer over confluent-kafka's librdkafka, which
     copies messages into the ring without a Python object per message; see
@@ -110,8 +113,10 @@ class Pipeline:
         install_signal_handlers: bool = True,
         startup_timeout: float | str | None = None,
         source: str | None = None,
+        metadata: Sequence[str] | dict[str, str] | None = None,
     ) -> None:
         from kfast._batch import BaseDecoder
+        from kfast._layout import metadata_plan
 
         if not isinstance(kafka, dict):
             raise ConfigError(
@@ -193,6 +198,11 @@ class Pipeline:
                     f"startup_timeout: {self._startup_timeout} s is out of range (0, 3600]"
                 )
 
+        try:
+            # Kafka coordinates as batch columns, e.g. ["topic", "partition", "offset"]
+            self.metadata = metadata_plan(metadata)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
         self.kafka = dict(kafka)
         self.topics = list(topics)
         self.decoder = decoder
@@ -481,6 +491,7 @@ class Pipeline:
             ch,
             self._decode_stats,
             self._health,
+            metadata=self.metadata,
         )
         deliver = DeliverLoop(
             self._ring,
