@@ -189,7 +189,6 @@ class ConfluentDecoder(FramedAvroDecoder):
         self._programs: BoundedCache[int, Program] = BoundedCache(max_cached_schemas)
         self._protobuf: ConfluentProtobufDecoder | None = None
         self._no_columns: Program | None = None
-        self._subject_entry: RegisteredSchema | None = None
 
     def schema_id_of(self, value: Any) -> int | None:
         """The schema id a payload is framed with, or None when it is not framed (only the
@@ -212,11 +211,9 @@ class ConfluentDecoder(FramedAvroDecoder):
         return self._kind
 
     def _newest(self) -> RegisteredSchema:
-        """The newest version of ``subject``, asked once for the decoder's life."""
-        if self._subject_entry is None:
-            assert self.subject is not None
-            self._subject_entry = self.store.latest(self.subject)
-        return self._subject_entry
+        """The newest version of ``subject``, asked once (the store keeps it)."""
+        assert self.subject is not None
+        return self.store.latest(self.subject)
 
     def _writer(self, entry: RegisteredSchema) -> _schema.Schema:
         return _schema.parse(resolve_references(self.store, entry))

@@ -480,6 +480,7 @@ class SchemaStore:
         self.not_found_wait = not_found_wait
         self.not_found_ttl = not_found_ttl
         self._entries: BoundedCache[tuple[Any, ...], Any] = BoundedCache(max_cached_schemas)
+        self._latest: dict[str, RegisteredSchema] = {}  # one entry per subject= of a decoder
         self.lookups = 0  # requests that reached the client (tests and metrics)
 
     def get(self, schema_id: int) -> RegisteredSchema:
@@ -495,16 +496,22 @@ class SchemaStore:
         )
 
     def latest(self, subject: str) -> RegisteredSchema:
-        """The newest version of ``subject`` now (not cached)."""
+        """The newest version of ``subject`` when first asked, the same afterwards: the
+        columns of every decoder sharing this store stay those of one version."""
+        entry = self._latest.get(subject)
+        if entry is not None:
+            return entry
         getter = getattr(self.client, "get_latest_version", None)
         if getter is None:
             raise ConfigError("registry: subject= needs a client with get_latest_version(subject)")
         try:
-            return self._ask(lambda: getter(subject), None, f"subject {subject!r}")
+            entry = self._ask(lambda: getter(subject), None, f"subject {subject!r}")
         except UnknownSchemaId as exc:  # a setting that names nothing: not a row's fault
             raise ConfigError(
                 f"subject={subject!r}: the registry has no version of it ({exc})"
             ) from None
+        self._latest[subject] = entry
+        return entry
 
     def _lookup(self, key: tuple[Any, ...], ask: Any, schema_id: int | None) -> RegisteredSchema:
         hit = self._entries.get(key)
