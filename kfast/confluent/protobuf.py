@@ -15,7 +15,6 @@ the protobuf runtime.
 from __future__ import annotations
 
 import base64
-import binascii
 import importlib
 import importlib.resources
 import os
@@ -143,7 +142,7 @@ def _serialized(schema_str: str) -> descriptor_pb2.FileDescriptorProto | None:
         return None
     try:
         return descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(raw, validate=False))
-    except (binascii.Error, ValueError, Exception):  # DecodeError of the protobuf runtime
+    except Exception:  # binascii.Error, or the protobuf runtime's DecodeError: not serialized
         return None
 
 
@@ -237,16 +236,13 @@ def file_descriptor_protos(
 def _file(store: SchemaStore, entry: RegisteredSchema, label: str) -> Any:
     """A ``FileDescriptor`` of a registered PROTOBUF schema, in a private pool."""
     pool = descriptor_pool.DescriptorPool()
-    main = None
     try:
         protos = file_descriptor_protos(store, entry, f"kfast_{label}.proto")
         for fdp in protos:
             pool.Add(fdp)
         main = protos[-1].name
         return pool.FindFileByName(main)
-    except (SchemaRegistryUnavailable, UnknownSchemaId):
-        raise
-    except ConfigError:
+    except (SchemaRegistryUnavailable, UnknownSchemaId, ConfigError):
         raise
     except Exception as exc:  # TypeError/KeyError from a descriptor that does not build
         raise ConfigError(f"the registered schema does not build: {exc}") from None
