@@ -93,6 +93,7 @@ class PollLoop:
         self._closing = False
         self._lag_due = 0.0
         self._stats_seen = 0
+        self._commits_seen = 0
         self._throttle = Throttle()
 
     # ------------------------------------------------------------------ loop
@@ -167,6 +168,9 @@ class PollLoop:
             self._lag_due = 0.0
             if src.brokers_up and h.broker_reachable is not True:
                 self._broker_back()
+        if src.async_commits_ok != self._commits_seen:  # the broker confirmed a commit
+            self._commits_seen = src.async_commits_ok
+            h.committed()
         h.paused = self.paused
 
     # ----------------------------------------------------------- errors
@@ -318,7 +322,8 @@ class PollLoop:
                 log.warning("commit of %d partitions failed: %s", len(offsets), e)
                 return
             self.tracker.committed(offsets)
-            self.health.committed()
+            if not asynchronous:
+                self.health.committed()  # async ones when the broker confirms (_update_health)
             return
 
     def _commit_sync(self, indexes: list[int] | None = None, *, retry: bool = False) -> None:
