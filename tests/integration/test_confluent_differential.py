@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_pipeline_confluent import _check_pipeline_matches_decode
 
 from kfast.confluent import ConfluentDecoder, ConfluentProtobufDecoder
 from kfast.protobuf import message_to_dict
@@ -67,7 +68,7 @@ def _order(version: int) -> dict[str, Any]:
 
 
 def test_avro_evolution_logical_types_unions_and_nested_references(
-    schema_registry: SchemaRegistry, unique_topic: str
+    schema_registry: SchemaRegistry, kafka_broker: Any, unique_topic: str, unique_group: str
 ) -> None:
     client = schema_registry.client()
     country_subject, address_subject = f"{unique_topic}-country", f"{unique_topic}-address"
@@ -115,6 +116,15 @@ def test_avro_evolution_logical_types_unions_and_nested_references(
     assert batch.to_pylist() == want
     # a reader schema given as JSON with the references written out gives the same rows
     assert ConfluentDecoder(schema_registry.url, reader).decode(payloads).to_pylist() == want
+    # and a Pipeline over a real broker gives those rows (it decodes the ring's spans)
+    rows, dead = _check_pipeline_matches_decode(
+        kafka_broker,
+        unique_topic,
+        unique_group,
+        lambda: ConfluentDecoder(schema_registry.url, subject=f"{unique_topic}-value"),
+        payloads,
+    )
+    assert [rows[str(i).encode()] for i in range(len(payloads))] == want and dead == {}
 
 
 def _expanded(country: Any, address: Any, order: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +198,11 @@ def _orders(pb: Any, n: int) -> list[Any]:
 
 
 def test_protobuf_serialized_schemas_with_imports_nested_paths_oneof_maps(
-    schema_registry: SchemaRegistry, unique_topic: str, shop_pb2: Any
+    schema_registry: SchemaRegistry,
+    kafka_broker: Any,
+    unique_topic: str,
+    unique_group: str,
+    shop_pb2: Any,
 ) -> None:
     client = schema_registry.client()
     ctx = _ctx(unique_topic)
@@ -210,6 +224,14 @@ def test_protobuf_serialized_schemas_with_imports_nested_paths_oneof_maps(
         batch = dec.decode(payloads)
         assert batch.errors == []
         assert batch.to_pylist() == want
+    rows, dead = _check_pipeline_matches_decode(
+        kafka_broker,
+        unique_topic,
+        unique_group,
+        lambda: ConfluentProtobufDecoder(schema_registry.url, message=shop_pb2.Envelope.Order),
+        payloads,
+    )
+    assert [rows[str(i).encode()] for i in range(len(payloads))] == want and dead == {}
 
 
 def test_protobuf_text_schemas_with_text_references(
