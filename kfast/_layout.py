@@ -31,8 +31,9 @@ conv                   column kind         Python value
 
 Kafka coordinate columns (``metadata_plan``, filled by the ring after
 decoding): topic (BINARY ``str``), partition (INT32), offset (INT64),
-timestamp (INT64 ``timestamp-millis``, null when the message has none) and key
-(BINARY ``bytes``, null for a null key).
+timestamp (INT64 ``timestamp-millis``, null when the message has none), key
+(BINARY ``bytes``, null for a null key) and headers (LIST of records
+``{"key": str, "value": bytes or None}``, in message order, duplicates kept).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ METADATA_FIELDS: dict[str, str] = {
     "offset": "kafka_offset",
     "timestamp": "kafka_timestamp",
     "key": "kafka_key",
+    "headers": "kafka_headers",
 }
 
 

@@ -82,7 +82,7 @@ class Pipeline:
     (``memory_plan()`` shows the split). ``startup_timeout`` (seconds) makes
     ``start()`` wait until the pipeline is ready and fail if it is not by then.
     ``metadata`` adds Kafka coordinates to every batch as ordinary columns:
-    ``["topic", "partition", "offset", "timestamp", "key"]`` (named
+    ``["topic", "partition", "offset", "timestamp", "key", "headers"]`` (named
     ``kafka_topic``, ...) or ``{"offset": "column_name", ...}``.
     ``source`` picks the Kafka consumer: ``"compiled"`` (the default where it
     is available: kfast's consumer over confluent-kafka's librdkafka, which
@@ -444,7 +444,8 @@ class Pipeline:
 
         plan = self._plan
         ch = self._ch
-        self._ring = Ring(plan.ring_messages, plan.ring_bytes, keep_headers=self.dlq is not None)
+        keep_headers = self.dlq is not None or any(f == "headers" for f, _ in self.metadata)
+        self._ring = Ring(plan.ring_messages, plan.ring_bytes, keep_headers=keep_headers)
         # an optional decoder capability (Confluent framing): schema ids for dead letters
         self._ring.schema_id_of = getattr(self.decoder, "schema_id_of", None)
         self._poll = poll = PollLoop(

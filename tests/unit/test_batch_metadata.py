@@ -13,16 +13,17 @@ from kfast._batch import Batch
 from kfast._layout import metadata_plan
 from kfast.runtime.ring import Ring
 
-ALL = ["topic", "partition", "offset", "timestamp", "key"]
+ALL = ["topic", "partition", "offset", "timestamp", "key", "headers"]
 
 
 def _msg(topic: str, part: int, off: int, key: bytes | None, value: bytes, ts: int) -> Message:
+    headers = [("h", b"%d" % off), ("h", None), ("\u00e9", b"")] if off % 2 else None
     return Message(topic=topic, partition=part, offset=off, key=key, value=value,
-                   timestamp=(1, ts))  # fmt: skip
+                   timestamp=(1, ts), headers=headers)  # fmt: skip
 
 
 def _ring() -> tuple[Ring, list[Message]]:
-    ring = Ring(100, 4096)
+    ring = Ring(100, 4096, keep_headers=True)
     ring.assign("orders", 0)
     ring.assign("orders", 3)
     ring.assign("refunds", 1)
@@ -44,7 +45,7 @@ def test_coordinates_are_columns_of_every_good_row() -> None:
     view = ring.decode(DEC, 0, 12, batch, metadata_plan(ALL))
     assert [e.index for e in batch.errors] == [7]
     assert batch.column_names == ["id", "s", "kafka_topic", "kafka_partition", "kafka_offset",
-                                  "kafka_timestamp", "kafka_key"]  # fmt: skip
+                                  "kafka_timestamp", "kafka_key", "kafka_headers"]  # fmt: skip
     rows = batch.to_pylist()
     good = [m for i, m in enumerate(msgs) if i != 7]
     assert [r["id"] for r in rows] == [i for i in range(12) if i != 7]
@@ -52,6 +53,8 @@ def test_coordinates_are_columns_of_every_good_row() -> None:
     assert [r["kafka_partition"] for r in rows] == [m.partition() for m in good]
     assert [r["kafka_offset"] for r in rows] == [m.offset() for m in good]
     assert [r["kafka_key"] for r in rows] == [m.key() for m in good]
+    assert [r["kafka_headers"] for r in rows] == [
+        [{"key": k, "value": v} for k, v in m.headers() or []] for m in good]  # fmt: skip
     assert rows[1]["kafka_timestamp"] == dt.datetime.fromtimestamp(
         1_700_000_000.001, dt.timezone.utc
     )
@@ -59,6 +62,8 @@ def test_coordinates_are_columns_of_every_good_row() -> None:
         assert (r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]) == (
             view.topic(i), view.partition(i), view.offset(i))  # fmt: skip
     table = pa.table(batch)
+    table.validate(full=True)
+    assert table.column("kafka_headers").to_pylist() == [r["kafka_headers"] for r in rows]
     assert table.schema.field("kafka_offset").type == pa.int64()
     assert table.schema.field("kafka_timestamp").type == pa.timestamp("ms", tz="UTC")
     assert table.column("kafka_key").to_pylist() == [m.key() for m in good]
@@ -71,6 +76,17 @@ def test_coordinates_are_columns_of_every_good_row() -> None:
     ring.decode(DEC, 0, 12, batch)
     assert batch.column_names == ["id", "s"]
     assert batch.to_pylist() == [{"id": r["id"], "s": r["s"]} for r in rows]
+
+
+def test_headers_need_a_ring_that_keeps_them() -> None:
+    ring = Ring(10, 4096)
+    ring.assign("t", 0)
+    ring.push([_msg("t", 0, 1, None, enc(1), 5)])
+    with pytest.raises(ValueError, match="keep_headers"):
+        ring.decode(DEC, 0, 1, Batch(), metadata_plan(["headers"]))
+    batch = Batch()
+    ring.decode(DEC, 0, 1, batch, metadata_plan(["offset"]))
+    assert batch.to_pylist() == [{"id": 1, "s": "", "kafka_offset": 1}]
 
 
 def test_metadata_plan_rejects_unknown_fields_and_clashes() -> None:

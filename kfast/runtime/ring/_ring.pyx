@@ -42,7 +42,14 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy
 
 from kfast._batch cimport Batch, BaseDecoder
-from kfast._columns cimport Column, col_append_bytes, col_append_i32, col_append_i64, col_append_null
+from kfast._columns cimport (
+    Column,
+    col_append_bytes,
+    col_append_i32,
+    col_append_i64,
+    col_append_list_end,
+    col_append_null,
+)
 
 cdef enum:
     F_TOMBSTONE = 1     # value is None
@@ -927,7 +934,7 @@ cdef class RingView:
 
 
 # Kafka coordinate columns (kfast._layout.METADATA_FIELDS): kind, nullable, conv.
-_META_FIELDS = ("topic", "partition", "offset", "timestamp", "key")
+_META_FIELDS = ("topic", "partition", "offset", "timestamp", "key", "headers")
 _META_COLUMNS = (
     (6, False, "str"),                  # topic: COL_BINARY
     (2, False, "int"),                  # partition: COL_INT32
@@ -937,10 +944,35 @@ _META_COLUMNS = (
 )
 
 
+cdef int _append_headers(Column* lst, Column* keys, Column* vals, const unsigned char* p,
+                         Py_ssize_t n) noexcept nogil:
+    """One LIST slot of (key, value) entries from the ring's header encoding
+    (u32 key length, key, i32 value length or -1, value)."""
+    cdef Py_ssize_t pos = 0
+    cdef uint32_t kl
+    cdef int32_t vl
+    while pos + 4 <= n:
+        memcpy(&kl, p + pos, 4)
+        pos += 4
+        if col_append_bytes(keys, p + pos, kl) < 0:
+            return -1
+        pos += kl
+        memcpy(&vl, p + pos, 4)
+        pos += 4
+        if vl < 0:
+            if col_append_null(vals) < 0:
+                return -1
+        else:
+            if col_append_bytes(vals, p + pos, vl) < 0:
+                return -1
+            pos += vl
+    return col_append_list_end(lst, keys.length)
+
+
 cdef int _fill_metadata(Ring ring, RingView view, Batch out, tuple metadata) except -1:
     """Append the coordinate columns of every good row of ``out`` (from its slot)."""
-    from kfast._layout import ValueNode
-    cdef Py_ssize_t base, r, j, nrows = out.num_rows, nparts = len(ring.partitions)
+    from kfast._layout import ListNode, RecordNode, ValueNode
+    cdef Py_ssize_t base, r, j, col, nrows = out.num_rows, nparts = len(ring.partitions)
     cdef const int32_t* src = <const int32_t*>out.source_index.values.data
     cdef Slot* sl
     cdef Column* c
@@ -948,24 +980,36 @@ cdef int _fill_metadata(Ring ring, RingView view, Batch out, tuple metadata) exc
     cdef int rc, code
     cdef bytes t
     cdef list topics
-    cdef int32_t* parts = <int32_t*>malloc((nparts or 1) * sizeof(int32_t))
+    cdef int32_t* parts
+    codes = [_META_FIELDS.index(what) for what, _ in metadata]
+    if 5 in codes and not ring.keep_headers:
+        raise ValueError("metadata: headers need a ring that keeps them (keep_headers=True)")
+    spec = []
+    fields = []
+    firsts = []
+    for j in range(len(metadata)):
+        name = metadata[j][1]
+        col = out.ncols + len(spec)
+        firsts.append(len(spec))
+        if codes[j] == 5:   # LIST of (key str, value bytes or null)
+            spec += [(name, 7, False), (name + ".item.key", 6, False),
+                     (name + ".item.value", 6, True)]
+            fields.append((name, ListNode(col, RecordNode(
+                (("key", ValueNode(col + 1, "str")), ("value", ValueNode(col + 2, "bytes")))))))
+            continue
+        kind, nullable, conv = _META_COLUMNS[codes[j]]
+        spec.append((name, kind, nullable))
+        fields.append((name, ValueNode(col, conv)))
+    parts = <int32_t*>malloc((nparts or 1) * sizeof(int32_t))
     if parts == NULL:
         raise MemoryError()
     try:
         for r in range(nparts):
             parts[r] = ring.partitions[r]
         topics = [tp.encode() for tp in ring.topics]
-        codes = [_META_FIELDS.index(what) for what, _ in metadata]
-        spec = []
-        fields = []
-        for j in range(len(metadata)):
-            kind, nullable, conv = _META_COLUMNS[codes[j]]
-            name = metadata[j][1]
-            spec.append((name, kind, nullable))
-            fields.append((name, ValueNode(out.ncols + j, conv)))
         base = out.extend_columns(tuple(spec), tuple(fields))
         for j in range(len(metadata)):
-            c = &out.cols[base + j]
+            c = &out.cols[base + firsts[j]]
             code = codes[j]
             for r in range(nrows):
                 seq = view.seqs[src[r]]
@@ -980,6 +1024,17 @@ cdef int _fill_metadata(Ring ring, RingView view, Batch out, tuple metadata) exc
                     rc = col_append_i64(c, sl.offset)
                 elif code == 3:
                     rc = col_append_i64(c, sl.timestamp) if sl.timestamp >= 0 else col_append_null(c)
+                elif code == 5:
+                    if not (sl.flags & F_HEADERS):
+                        rc = col_append_list_end(c, c[1].length)
+                    elif sl.flags & F_OVERSIZED:
+                        t = ring.overflow[seq][2]
+                        rc = _append_headers(c, c + 1, c + 2,
+                                             <const unsigned char*>PyBytes_AS_STRING(t),
+                                             PyBytes_GET_SIZE(t))
+                    else:
+                        rc = _append_headers(c, c + 1, c + 2,
+                                             ring.arena + sl.aoff + sl.klen + sl.vlen, sl.hlen)
                 elif not (sl.flags & F_KEY):
                     rc = col_append_null(c)
                 elif sl.flags & F_OVERSIZED:
