@@ -267,10 +267,11 @@ type = "null"
     try:
         wait_until(lambda: committed() >= 3000 or proc.poll() is not None, 90, "commits")
         wait_until(lambda: probe_http("/readyz")[0] == 200, 30, "/readyz 200")
+        # the member learns that its commit landed on its next consume() after the broker
+        wait_until(lambda: probe_http("/healthz")[1].get("last_commit_at"), 30, "commit seen")
         status, body = probe_http("/healthz")
         assert status == 200 and body["state"] == "running" and body["live"]
         assert body["assigned_partitions"] == 3 and body["broker_reachable"] is True
-        assert body["last_commit_at"] is not None
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
