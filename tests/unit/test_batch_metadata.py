@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
+import sys
 
 import pyarrow as pa
 import pytest
@@ -99,3 +101,25 @@ def test_metadata_plan_rejects_unknown_fields_and_clashes() -> None:
     ring, _ = _ring()
     with pytest.raises(ValueError, match="already exists"):
         ring.decode(DEC, 0, 12, Batch(), metadata_plan({"offset": "id"}))
+
+
+def _blocks_for_decode(rows: int) -> int:
+    ring = Ring(rows + 10, 1 << 22, keep_headers=True)
+    ring.assign("orders", 0)
+    ring.push([_msg("orders", 0, i, b"k", enc(i), 7) for i in range(rows)])
+    batch = Batch()
+    plan = metadata_plan(ALL)
+    ring.decode(DEC, 0, rows, batch, plan)  # sizes the buffers
+    gc.collect()
+    before = sys.getallocatedblocks()
+    view = ring.decode(DEC, 0, rows, batch, plan)
+    after = sys.getallocatedblocks()
+    assert batch.num_rows == rows and len(view) == rows
+    return after - before
+
+
+def test_filling_allocates_no_python_object_per_row() -> None:
+    _blocks_for_decode(10)
+    small = _blocks_for_decode(10)
+    large = _blocks_for_decode(5000)
+    assert abs(large - small) <= 5, (small, large)
