@@ -764,6 +764,7 @@ def bench(
             "postgresql": row[0] if row else "?",
             "kfast": kfast.__version__,
             "load_at_end": _load(),
+            "switch_interval_s": sys.getswitchinterval(),
             "git": _git_head(),
             "note": "single-node Kafka and PostgreSQL from kfast.testing on loopback, same machine",
         },
@@ -851,7 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--paths", help="comma-separated subset of: " + ", ".join(PATHS))
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval() for this process (diagnosis: how long a thread that "
+        "blocked on the server waits to get the GIL back; Python's default is 0.005 s)",
+    )
     ns = ap.parse_args(argv)
+    if ns.switch_interval:
+        sys.setswitchinterval(ns.switch_interval)
     paths = ns.paths.split(",") if ns.paths else None
     if paths and not set(paths) <= set(PATHS):
         ap.error(f"unknown paths: {sorted(set(paths) - set(PATHS))}")
