@@ -6,7 +6,9 @@
     memory_limit = "256MiB"
     drain_timeout = 30          # optional; also revoke_timeout, commit_interval,
                                 # poll_batch, poll_timeout, partitions, metrics_port,
-                                # startup_timeout, source ("confluent" | "compiled")
+                                # startup_timeout, source ("confluent" | "compiled"),
+                                # metadata (["topic", "partition", "offset", ...] or
+                                # {offset = "column_name", ...}: Kafka coordinate columns)
 
     [kafka]                     # librdkafka settings, passed through
     "bootstrap.servers" = "127.0.0.1:9092"
@@ -69,6 +71,7 @@ _PIPELINE_KEYS = {
     "metrics_port",
     "startup_timeout",
     "source",
+    "metadata",
 }
 _SECTIONS = {"kafka", "decoder", "sink", "batch", "buffer", "retry", "dlq"}
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from confluent_kafka import Message
 from test_runtime_ring import DEC, enc
+from test_runtime_ring import SCHEMA as DEC_SCHEMA
 
 from kfast._batch import Batch
 from kfast._layout import metadata_plan
@@ -123,3 +125,29 @@ def test_filling_allocates_no_python_object_per_row() -> None:
     small = _blocks_for_decode(10)
     large = _blocks_for_decode(5000)
     assert abs(large - small) <= 5, (small, large)
+
+
+def test_pipeline_and_config_file_take_metadata(tmp_path: Path) -> None:
+    import json
+
+    import kfast
+    from kfast.cli import load_pipeline
+    from kfast.errors import ConfigError
+
+    (tmp_path / "r.avsc").write_text(json.dumps(DEC_SCHEMA))
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(
+        'topics = ["t"]\nmetadata = ["topic", "offset"]\n'
+        '[kafka]\n"bootstrap.servers" = "127.0.0.1:1"\n"group.id" = "g"\n'
+        '[decoder]\ntype = "avro"\nschema = "r.avsc"\n[sink]\ntype = "null"\n'
+    )
+    pipe = load_pipeline(cfg)
+    assert pipe.metadata == (("topic", "kafka_topic"), ("offset", "kafka_offset"))
+    with pytest.raises(ConfigError, match="unknown field 'part'"):
+        kfast.Pipeline(
+            kafka={"bootstrap.servers": "127.0.0.1:1", "group.id": "g"},
+            topics=["t"],
+            decoder=DEC,
+            sink=kfast.NullSink(),
+            metadata=["part"],
+        )
