@@ -13,7 +13,8 @@ The interpreter's sysconfig CFLAGS and the environment are checked for -march/-m
 
 check: per wheel, a fresh venv; `pip install WHEEL[test,arrow]` with CC=false/CXX=false (no
 compiler reachable); Cython must not be importable; `import kfast`, `kfast --version`; the unit
-suite (`-m "not integration" tests/unit`) from the checkout, run by the venv's own `pytest`
+suite (`-m "not integration" tests/unit`) from the extracted sdist the wheel was built from
+(the same snapshot of the sources, tests included), run by the venv's own `pytest`
 script (not `python -m`, which would put the checkout on sys.path) with KFAST_TEST_INSTALLED
 set, so tests/unit/test_dist_metadata.py fails unless kfast came from that venv; then
 tools/wheel_smoke.py against a real broker.
@@ -31,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -274,6 +276,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             py = str(venv / "bin" / "python")
             run([py, "-m", "pip", "install", "-q", f"{whl}[test,arrow]"], env=env, cwd=tmp)
             times["install"] = time.monotonic() - t
+            # the tests of the same snapshot as the wheel: the sdist it was built from
+            sdists = sorted(dist.glob("kfast-*.tar.gz"))
+            suite_root = str(ROOT)
+            if sdists:
+                with tarfile.open(sdists[-1]) as tar:
+                    tar.extractall(tmp, filter="data")
+                suite_root = str(Path(tmp) / sdists[-1].name.removesuffix(".tar.gz"))
             steps = [
                 (
                     "no Cython",
@@ -305,7 +314,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         # only tests/unit selects the same tests, faster
                         "tests/unit",
                     ],
-                    str(ROOT),
+                    suite_root,
                 ),
             ]
             if args.smoke:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Paths inside kfast-VERSION/ that may ship. Anything else (tests, benchmarks, CI files,
-# generated C, built modules, benchmark results) is a packaging mistake.
+# Paths inside kfast-VERSION/ that may ship. Anything else (benchmarks, CI files, generated C,
+# built modules, benchmark results) is a packaging mistake.
 ALLOWED = [
     r"PKG-INFO",
     r"setup\.cfg",  # written by setuptools' egg_info (tag settings)
@@ -27,6 +27,7 @@ ALLOWED = [
     r"kfast/testing/kafka-pom\.xml",
     r"kfast/testing/[\w-]+-pom\.xml",
     r"docs/([\w-]+/)*[\w-]+\.(md|png|py|toml|avsc|proto)",
+    r"tests/([\w-]+/)*[\w-]+\.(py|proto|avsc|json|toml)",
 ]
 # Sources the build needs: every one in the checkout must ship.
 NEEDED = ("*.pyx", "*.pxd", "*.pyi", "py.typed", "*.xml")
@@ -58,10 +59,11 @@ def test_sdist_contents_against_allow_list(tmp_path: Path) -> None:
     unexpected = [m for m in members if not any(re.fullmatch(p, m) for p in ALLOWED)]
     assert not unexpected, f"files in the sdist outside the allow-list: {unexpected}"
     assert not [m for m in members if m.endswith((".c", ".so", ".html"))]
-    assert not [m for m in members if m.startswith(("tests/", "benchmarks/", ".github/"))]
+    assert not [m for m in members if m.startswith(("benchmarks/", ".github/", "tools/"))]
     needed = sorted(
         str(p.relative_to(ROOT)) for pattern in NEEDED for p in (ROOT / "kfast").rglob(pattern)
     )
     needed += ["LICENSE", "README.md", "pyproject.toml", "setup.py", "docs/changelog.md"]
+    needed += [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")]
     missing = sorted(set(needed) - set(members))
     assert not missing, f"needed by a build or a user, missing from the sdist: {missing}"
