@@ -10,7 +10,7 @@ values) into a pyarrow array, typed from the Avro schema when there is one:
 * a union of several types is a dense union with one child per branch (a
   ``null`` branch becomes a child of Arrow's null type); a value goes to the
   first branch it fits, the rule fastavro's writer follows;
-* enums are ``dictionary<int32, string>``, fixed is ``fixed_size_binary``,
+* enums are ``dictionary<int32, string>``, fixed is ``binary``,
   maps are ``map<string, T>``;
 * a recursive record has no finite Arrow type: the column is its JSON text.
 
@@ -259,7 +259,7 @@ def arrow_type(pa: Any, s: Any, stack: tuple[int, ...]) -> Any:
     if t in simple:
         return simple[t]
     if t == "fixed":
-        return pa.binary(s.size)
+        return pa.binary()  # as fixed columns export (docs/batch.md)
     if t == "enum":
         return pa.dictionary(pa.int32(), pa.string())
     if id(s) in stack:
