@@ -46,7 +46,7 @@ class RegistryDown:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ring, name)
 
-    def decode(self, decoder: Any, start: int, count: int, batch: Any) -> Any:
+    def decode(self, decoder: Any, start: int, count: int, batch: Any, metadata: Any = None) -> Any:
         self.calls.append((start, count, id(batch)))
         if len(self.calls) <= self.failures:
             if len(self.calls) >= 2:
@@ -56,7 +56,7 @@ class RegistryDown:
             raise SchemaRegistryUnavailable(
                 "GET /schemas/ids/7: connection refused", url="http://registry"
             )
-        return self.ring.decode(decoder, start, count, batch)
+        return self.ring.decode(decoder, start, count, batch, metadata)
 
 
 def _loop(ring: Any, policy: RetryPolicy) -> tuple[DecodeLoop, Channels, DecodeStats, HealthBoard]:
