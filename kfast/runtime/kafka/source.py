@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,13 +144,21 @@ class CompiledSource:
             return sum(v for v in self.lag.values() if v >= 0)
 
     def query_lag(self, timeout: float) -> int | None:
-        """Total lag of the assignment asked from the broker; None if unknown."""
+        """Total lag of the assignment asked from the broker; None if unknown.
+
+        ``timeout`` bounds the whole query (it runs on the poll thread); a query
+        that does not finish in time answers None.
+        """
+        deadline = time.monotonic() + timeout
         assignment = self.consumer.assignment()
         if not assignment:
             return 0
         total = 0
         for t, p, committed in self.consumer.committed(assignment, timeout):
-            low, high = self.consumer.watermarks(t, p, timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            low, high = self.consumer.watermarks(t, p, left)
             if high < 0:
                 return None
             # no committed offset yet: count the whole partition (auto.offset.reset=earliest)
