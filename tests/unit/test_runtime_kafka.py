@@ -186,3 +186,22 @@ def test_a_source_dropped_without_close_frees_librdkafka():
     del src
     gc.collect()  # the source and its consumer refer to each other
     assert _threads() == before
+
+
+def test_compiled_source_has_the_interface_of_source():
+    """The poll loop cannot tell the sources apart: every public method of Source
+    exists on CompiledSource with the same parameters, and so do the constructor's."""
+    import inspect
+
+    from kfast.runtime.source import Source
+
+    for name, fn in vars(Source).items():
+        if name.startswith("_") or not callable(fn):
+            continue
+        assert hasattr(CompiledSource, name), name
+        theirs = list(inspect.signature(fn).parameters)
+        ours = list(inspect.signature(getattr(CompiledSource, name)).parameters)
+        assert ours == theirs, (name, ours, theirs)
+    theirs = list(inspect.signature(Source.__init__).parameters)
+    ours = list(inspect.signature(CompiledSource.__init__).parameters)
+    assert ours[: len(theirs)] == theirs
