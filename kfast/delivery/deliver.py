@@ -183,10 +183,13 @@ class _Run:
         if not d.hooks.has_row_transaction:
             self.slices.write_range(0, n, 0)
             return
-        if d.dirty and d.queue is not None:
-            # The previous batch had bad rows: this one likely has some too, so screen it
-            # first instead of paying for a plain write that fails part way (a clean batch
-            # is then written in the same transaction after the screen found nothing).
+        if d.queue is not None and (d.dirty or (self.eo and letters.produced)):
+            # After a batch with bad rows this one likely has some too: it is screened first
+            # instead of paying for a plain write that fails part way (a clean batch is then
+            # written from the screen's staging table). In exactly_once mode a batch with
+            # decode errors is written in a row transaction too, so that their dead letters
+            # are acknowledged while the rows are written, before the commit stores the
+            # offsets, instead of before the write.
             if letters.first_failure is None:
                 letters.first_failure = d.clock()
             if isolate(
@@ -199,6 +202,7 @@ class _Run:
                 self.stop,
                 self.eo,
                 keys=d.dirty_keys,
+                screen_first=d.dirty,
             ):
                 return
         if self.eo:

@@ -58,11 +58,14 @@ def isolate(
     stop: threading.Event,
     eo: bool,
     keys: bool = False,
+    screen_first: bool = True,
 ) -> bool | None:
     """Isolate in one sink transaction, retried as a whole on transient errors.
 
     ``keys``: screen key rules (unique, foreign key) from the start (the previous batch
-    had key violations).
+    had key violations). ``first`` None: no write was tried; ``screen_first`` screens
+    before writing, else the rows are COPY'd in the transaction first (and screened if
+    that fails).
 
     True: committed. False: a located row was not bad after all (nothing committed).
     None: no transaction for this batch, or a failure without a locator (nothing
@@ -73,7 +76,7 @@ def isolate(
     def op() -> None:
         nonlocal outcome
         t0 = time.perf_counter()
-        outcome = _isolate_once(batch, first, factory, letters, metrics, eo, keys)
+        outcome = _isolate_once(batch, first, factory, letters, metrics, eo, keys, screen_first)
         metrics.latency(time.perf_counter() - t0)
 
     def on_retry(_attempt: int, _exc: BaseException, _delay: float) -> None:
@@ -92,6 +95,7 @@ def _isolate_once(
     metrics: DeliveryMetrics,
     eo: bool,
     keys: bool,
+    screen_first: bool,
 ) -> bool | None:
     n = batch.num_rows
     try:
@@ -103,7 +107,9 @@ def _isolate_once(
     mark = letters.mark()
     try:
         with txn:
-            iso = Isolation(txn, n, batch.source_indices, letters.check, metrics, keys)
+            iso = Isolation(
+                txn, n, batch.source_indices, letters.check, metrics, keys, screen_first
+            )
             try:
                 iso.isolate(first)
             except GiveUp as stop:
@@ -182,9 +188,12 @@ class Isolation:
         check: BatchCheck | None,
         metrics: DeliveryMetrics,
         keys: bool = False,
+        screen_first: bool = True,
     ) -> None:
         self.txn = txn
         self.keys = keys  # screen the key rules from the start
+        # With no failure seen yet: screen before writing (else COPY first, screen on failure)
+        self.screen_first = screen_first
         self.metrics = metrics
         self.n = n
         self.skip: list[int] = []  # sorted rows not to write: excluded or dead
@@ -199,19 +208,29 @@ class Isolation:
     def isolate(self, first: PermanentSinkError | None) -> None:
         """Steps 0-3 (the caller commits); raises ``GiveUp``. ``first``: the failure of the
         batch's plain write, or None when it was not tried (the screen goes first)."""
+        if first is None and not self.screen_first:
+            first = self._copy_all()  # as the plain write would, but inside the transaction
+            if first is None:
+                return
         if self._screen(first):
             return
         if first is None:  # not screened: COPY the batch, as its plain write would
-            try:
-                self.txn.copy([(0, self.n)], keep=True)
-                self.kept += 1
+            first = self._copy_all()
+            if first is None:
                 return
-            except PermanentSinkError as exc:
-                self.metrics.add("sink_errors")
-                first = exc
         seed = self._probe(first)
         self._in_order(seed)
         self._confirm_excluded()
+
+    def _copy_all(self) -> PermanentSinkError | None:
+        """COPY every row, kept; the failure, or None when they are in."""
+        try:
+            self.txn.copy([(0, self.n)], keep=True)
+        except PermanentSinkError as exc:
+            self.metrics.add("sink_errors")
+            return exc
+        self.kept += 1
+        return None
 
     def _screen(self, first: PermanentSinkError | None) -> bool:
         """Step 0. True when the screened rows are dead and every other row is written;

@@ -338,3 +338,35 @@ def test_after_a_bad_batch_the_next_is_screened_before_any_plain_write(pg_dsn: s
     d.deliver(make_batch(SCHEMA, avro_payloads(SCHEMA, rows), base_offset=300), threading.Event())
     assert sink.writes == writes + 1 and len(_ids(pg_dsn, t)) == 397
     sink.close()
+
+
+def test_exactly_once_decode_errors_are_acknowledged_while_the_rows_are_written(
+    pg_dsn: str, unique_group: str
+) -> None:
+    """The rows go in a row transaction (no plain write); the dead letters of the decode
+    errors are acknowledged after the rows are written and before the commit that stores
+    the batch's offsets."""
+    t = "scr_eo_decode"
+    _setup(pg_dsn, t)
+    sink = CountingSink(pg_dsn, t, mode="exactly_once")
+    order: list[str] = []
+
+    class Recorder(TxnProxy):
+        def copy(self, ranges: Any, keep: bool) -> None:
+            order.append(f"copy:{q.confirmed}")
+            self.txn.copy(ranges, keep)
+
+        def commit(self) -> None:
+            order.append(f"commit:{q.confirmed}/{len(q.records)}")
+            self.txn.commit()
+
+    sink.wrap = Recorder
+    d, q = _delivery(sink)
+    payloads = avro_payloads(SCHEMA, _rows())
+    payloads[10] = payloads[20] = b"\x03"  # undecodable
+    d.deliver(make_batch(SCHEMA, payloads, group=unique_group), threading.Event())
+    assert sink.writes == 0 and order == ["copy:0", "commit:2/2"]
+    assert set(_dead(q)) == {10, 20}
+    assert sink.stored_offsets(unique_group, ["orders"]) == {("orders", 0): N}
+    assert len(_ids(pg_dsn, t)) == N - 2 and not d.dirty  # decode errors are not the sink's
+    sink.close()
