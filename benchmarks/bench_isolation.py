@@ -18,7 +18,8 @@ state: connections, plans and temp tables made, the sink knows the last batch ha
 Interleaved rounds, medians; wall time per batch and this process's CPU (from
 /proc/self/task/*/schedstat) per batch, as ratios to ``clean``.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_isolation.py [--rows 10000] [--bad 20]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_isolation.py [--rows 10000] [--bad 20] \
+        [--mode copy|exactly_once]
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ class _Queue:
         pass
 
 
-def _batch(payloads: list[bytes]) -> Any:
+def _batch(payloads: list[bytes], base: int = 0) -> Any:
     batch = kfast.AvroDecoder(ORDER_SCHEMA).decode(payloads)
     recs = [
-        {"topic": "t", "partition": 0, "offset": i, "timestamp": 0, "key": None, "value": p}
+        {"topic": "t", "partition": 0, "offset": base + i, "timestamp": 0, "key": None, "value": p}
         for i, p in enumerate(payloads)
     ]
-    batch.context = BatchContext(ListRecordSource(recs), {("t", 0): len(payloads)}, "g")
+    batch.context = BatchContext(ListRecordSource(recs), {("t", 0): base + len(payloads)}, "g")
     return batch
 
 
@@ -118,12 +119,13 @@ class _ProbeSink(PostgresSink):
 
 
 def run_case(
-    dsn: str, case: str, n: int, k: int, table: str, screen: bool = True
+    dsn: str, case: str, n: int, k: int, table: str, screen: bool = True, mode: str = "copy"
 ) -> tuple[float, float, int]:
     warm = "check" if case == "clean_after_check" else case
     timed = "clean" if case == "clean_after_check" else case
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute("DROP TABLE IF EXISTS kfast_offsets")  # exactly_once: no stored offsets
         c.execute(ORDER_TABLE_DDL.format(table=table))
         if case == "dup":  # K keys of each batch are already there
             for base in (0, n):
@@ -133,7 +135,7 @@ def run_case(
                     (base + n // (2 * k), base + n - 1, n // k),
                 )
         c.execute(f"VACUUM ANALYZE {table}")
-    sink = PostgresSink(dsn, table) if screen else _ProbeSink(dsn, table)
+    sink = (PostgresSink if screen else _ProbeSink)(dsn, table, mode=mode)
     d = Delivery(
         sink,
         RetryPolicy(),
@@ -146,7 +148,7 @@ def run_case(
     d.deliver(_batch(payloads(warm, n, k, 0)), threading.Event())
     if not screen:
         d.dirty = False  # no screen: every batch starts with its plain write
-    batch = _batch(payloads(timed, n, k, n))
+    batch = _batch(payloads(timed, n, k, n), base=n)
     before = len(q.records)
     t0, c0 = time.perf_counter(), proc_cpu()
     d.deliver(batch, threading.Event())
@@ -158,14 +160,16 @@ def run_case(
     return t1 - t0, c1 - c0, dead
 
 
-def bench(dsn: str, n: int, k: int, rounds: int) -> dict[str, Any]:
+def bench(dsn: str, n: int, k: int, rounds: int, mode: str = "copy") -> dict[str, Any]:
     variants = ("probes", "screen")
     wall: dict[str, list[float]] = {f"{v}/{c}": [] for v in variants for c in CASES}
     cpu: dict[str, list[float]] = {key: [] for key in wall}
     for _ in range(rounds):
         for case in CASES:
             for v in variants:
-                w, c, _dead = run_case(dsn, case, n, k, f"iso_{case}", screen=v == "screen")
+                w, c, _dead = run_case(
+                    dsn, case, n, k, f"iso_{case}", screen=v == "screen", mode=mode
+                )
                 wall[f"{v}/{case}"].append(w)
                 cpu[f"{v}/{case}"].append(c)
     med = {key: statistics.median(v) for key, v in wall.items()}
@@ -173,6 +177,7 @@ def bench(dsn: str, n: int, k: int, rounds: int) -> dict[str, Any]:
     clean = statistics.median(wall["probes/clean"] + wall["screen/clean"])
     clean_cpu = statistics.median(cpu["probes/clean"] + cpu["screen/clean"])
     return {
+        "mode": mode,
         "rows": n,
         "bad": k,
         "rounds": rounds,
@@ -189,15 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--bad", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--mode", choices=("copy", "exactly_once"), default="copy")
     ap.add_argument("--dsn", help="use this PostgreSQL instead of starting one")
     ns = ap.parse_args(argv)
     if ns.dsn:
-        res = bench(ns.dsn, ns.rows, ns.bad, ns.rounds)
+        res = bench(ns.dsn, ns.rows, ns.bad, ns.rounds, ns.mode)
     else:
         from kfast.testing import PostgresServer
 
         with PostgresServer() as pg:
-            res = bench(pg.dsn, ns.rows, ns.bad, ns.rounds)
+            res = bench(pg.dsn, ns.rows, ns.bad, ns.rounds, ns.mode)
     print(json.dumps(res, indent=1))
     return 0
 

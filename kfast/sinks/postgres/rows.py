@@ -75,7 +75,7 @@ class RowTransaction:
         triggers: bool,
         store_offsets: Callable[[psycopg.Connection[Any]], None] | None,
         release: Callable[[], None],
-        screener: Screener | None = None,
+        screener: Callable[[], Screener | None] | None = None,
     ) -> None:
         self._conns = conns
         self._slot = slot
@@ -86,7 +86,8 @@ class RowTransaction:
         self._triggers = triggers
         self._store = store_offsets
         self._release = release
-        self._screener = screener
+        self._make_screener = screener  # called at the first screen (SELECTs only)
+        self._screener: Screener | None = None
         self._staged = False  # screened rows staged inside the open savepoint
         self._empty = False  # the last screen had no row to stage
         self._stage_used = False  # the staging table holds rows of an earlier insert
@@ -126,8 +127,16 @@ class RowTransaction:
         rows stay staged for :meth:`write_screened` until any other call."""
         if not self._open:
             raise KfastError("RowTransaction is closed")
-        if self._screener is None or self._triggers:
+        if self._make_screener is None or self._triggers:
             return None
+        if self._screener is None:
+            try:
+                self._screener = self._make_screener()
+            except psycopg.Error as exc:
+                raise self._lost(exc) from exc
+            if self._screener is None:
+                self._make_screener = None
+                return None
         rs = clip(ranges, self._allowed)
         self._unstage()
         if not rs:

@@ -27,7 +27,7 @@ transaction.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -505,20 +505,13 @@ class PostgresSink(Sink):
 
     def _screen_fn(
         self, conn: psycopg.Connection[Any], batch: Batch, plan: Plan, pre: Pre
-    ) -> Screener | None:
-        """The set-based screen of this batch on ``conn`` (see :mod:`.screen`), or None when
-        the table cannot be screened. The rules are read again whenever the table's catalog
-        rows changed (a constraint added or dropped while the pipeline runs is seen at the
-        next isolated batch); the staging table is made once per connection and column
-        types (DDL in its own transaction)."""
+    ) -> Callable[[], Screener | None] | None:
+        """The set-based screen of this batch on ``conn`` (see :mod:`.screen`), made when
+        first used; None when the table cannot be screened. The staging table is made here,
+        once per connection and plan (DDL in its own transaction, before the data
+        transaction). The rules are read again whenever the table's catalog rows changed (a
+        constraint added or dropped while the pipeline runs is seen at the next screen)."""
         if self._table is None or self._screen_encoder is False:
-            return None
-        version = rules_version(conn, self._table.oid)
-        if version is None or self._rules is None or self._rules[0] != version:
-            self._rules = (version, read_rules(conn, self._table.oid, plan.columns))
-        conn.commit()
-        rules = self._rules[1]
-        if rules is None:
             return None
         if self._screen_encoder is None:
             try:
@@ -526,32 +519,52 @@ class PostgresSink(Sink):
             except ValueError:
                 self._screen_encoder = False
                 return None
-        enc = self._screen_encoder
-        assert isinstance(enc, CopyEncoder)
-        shape = ",".join(c.loose for c in rules.columns)
         made = self._conns.screen_tables.get(id(conn))
-        if made is None or (made is not False and made != shape):
-            try:
-                conn.execute(f"DROP TABLE IF EXISTS pg_temp.{SCREEN_TABLE}")
-                conn.execute(screen_sql(rules))
-                conn.commit()
-                made = shape
-            except psycopg.Error as exc:
-                if isinstance(classify(exc), TransientSinkError):
-                    raise
-                conn.rollback()
-                made = False  # e.g. no TEMP privilege: probes instead
+        if made is None:
+            rules = self._read_rules(conn, plan)
+            made = False
+            if rules is not None:
+                try:
+                    conn.execute(f"DROP TABLE IF EXISTS pg_temp.{SCREEN_TABLE}")
+                    conn.execute(screen_sql(rules))
+                    conn.commit()
+                    made = ",".join(c.loose for c in rules.columns)
+                except psycopg.Error as exc:
+                    if isinstance(classify(exc), TransientSinkError):
+                        raise
+                    conn.rollback()  # e.g. no TEMP privilege: probes instead
             self._conns.screen_tables[id(conn)] = made
         if made is False:
             return None
+        shape = made
+        enc = self._screen_encoder
+        assert isinstance(enc, CopyEncoder)
         stmt = copy_sql(plan, sql.Identifier("pg_temp", SCREEN_TABLE), seq=True)
         chunk = self.chunk_bytes
+        table = self._table_ident
+        assert table is not None
 
         def stage(c: psycopg.Connection[Any], ranges: Sequence[tuple[int, int]]) -> None:
             copy_rows(c, enc, batch, pre, ranges, stmt, chunk)
 
-        assert self._table_ident is not None
-        return Screener(rules, self._table_ident, stage)
+        def make() -> Screener | None:
+            rules = self._read_rules(conn, plan)
+            if rules is None or ",".join(c.loose for c in rules.columns) != shape:
+                # The column types changed under the staging table: no screen now, the
+                # table is made again before the next data transaction.
+                self._conns.screen_tables.pop(id(conn), None)
+                return None
+            return Screener(rules, table, stage)
+
+        return make
+
+    def _read_rules(self, conn: psycopg.Connection[Any], plan: Plan) -> Rules | None:
+        """The screening rules, read again only when the table's catalog rows changed."""
+        assert self._table is not None
+        version = rules_version(conn, self._table.oid)
+        if version is None or self._rules is None or self._rules[0] != version:
+            self._rules = (version, read_rules(conn, self._table.oid, plan.columns))
+        return self._rules[1]
 
     def _ensure_probe_table(self, conn: psycopg.Connection[Any]) -> bool:
         """Create ``pg_temp.kfast_probe`` like the table (see :func:`catalog.create_probe_table`)
