@@ -325,6 +325,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 t = time.monotonic()
                 proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
                 times[what] = time.monotonic() - t
+                report = (
+                    ROOT / "build" / "dist-report" / f"check-{tag}-{what.replace(' ', '-')}.log"
+                )
+                report.parent.mkdir(parents=True, exist_ok=True)
+                report.write_text(proc.stdout + proc.stderr)
                 tail = (proc.stdout + proc.stderr).strip().splitlines()
                 log(
                     f"   {what}: {'ok' if proc.returncode == 0 else 'FAILED'} "
