@@ -4,7 +4,7 @@ Peers: fastavro building the list of records (the same output as
 ``to_pylist``) and fastavro streaming (each record dropped at once, its best
 case); ratios are taken against the faster of the two.
 
-The realistic order record of issue 3 (long id, short string, double, int,
+A realistic order record (long id, short string, double, int,
 boolean, timestamp-millis, enum, nullable string, array of ints, nested
 2-field record), 200k schemaless payloads, all peers measured in one run.
 
