@@ -312,9 +312,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                         *args.pytest_args.split(),
                         # every test under tests/integration carries the marker: collecting
                         # only tests/unit selects the same tests, faster
-                        "tests/unit",
+                        os.path.join(suite_root, "tests", "unit"),
                     ],
-                    suite_root,
+                    # not the source tree: tests that start `python -c ...` would import
+                    # its kfast/ (no compiled modules) through the current directory
+                    tmp,
                 ),
             ]
             if args.smoke:
