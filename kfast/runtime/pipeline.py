@@ -41,17 +41,23 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+from kfast._batch import BaseDecoder
+from kfast._layout import metadata_plan
 from kfast.delivery import Delivery, DeliveryMetrics
+from kfast.dlq import DeadLetterPolicy
 from kfast.errors import ConfigError, KfastError, StartupTimeout
+from kfast.prometheus import serve as serve_metrics
 from kfast.retry import RetryPolicy, Stopped
 from kfast.runtime.channels import Channels
 from kfast.runtime.decode import DecodeLoop
 from kfast.runtime.deliver import DeliverLoop, ObservedRetrier
 from kfast.runtime.health import Health, HealthBoard
+from kfast.runtime.kafka import CompiledSource, available
 from kfast.runtime.memory import MemoryPlan, plan_memory
 from kfast.runtime.offsets import OffsetTracker
 from kfast.runtime.policies import BatchPolicy, BufferPolicy, parse_duration
 from kfast.runtime.poll import PollLoop
+from kfast.runtime.ring import Ring
 from kfast.runtime.source import Source, consumer_config
 from kfast.runtime.stats import DecodeStats, DeliverStats, PollStats, percentiles
 from kfast.sinks import CallableSink, PipelineInfo
@@ -115,9 +121,6 @@ class Pipeline:
         source: str | None = None,
         metadata: Sequence[str] | dict[str, str] | None = None,
     ) -> None:
-        from kfast._batch import BaseDecoder
-        from kfast._layout import metadata_plan
-
         if not isinstance(kafka, dict):
             raise ConfigError(
                 f"kafka: expected a dict of librdkafka settings, got {type(kafka).__name__}"
@@ -153,8 +156,6 @@ class Pipeline:
             if not isinstance(retry, RetryPolicy):
                 raise ConfigError(f"retry: expected kfast.RetryPolicy, got {type(retry).__name__}")
         if dlq is not None:
-            from kfast.dlq import DeadLetterPolicy
-
             if not isinstance(dlq, DeadLetterPolicy):
                 raise ConfigError(f"dlq: expected kfast.DeadLetterPolicy, got {type(dlq).__name__}")
         if (
@@ -213,8 +214,6 @@ class Pipeline:
         self.dlq = dlq
         self.group_id = str(kafka["group.id"])
         self._poll_batch = poll_batch
-        from kfast.runtime.kafka import available
-
         if source is None:
             source = "compiled" if available() else "confluent"
         if source not in SOURCES:
@@ -440,8 +439,6 @@ class Pipeline:
 
     def _build(self) -> None:
         """Everything start() creates, in an order that ``_release_unstarted`` can undo."""
-        from kfast.runtime.ring import Ring
-
         plan = self._plan
         ch = self._ch
         keep_headers = self.dlq is not None or any(f == "headers" for f, _ in self.metadata)
@@ -464,9 +461,7 @@ class Pipeline:
             drain_timeout=self._drain_timeout,
             revoke_timeout=self._revoke_timeout,
         )
-        source_cls: Any = Source
-        if self.source == "compiled":
-            from kfast.runtime.kafka import CompiledSource as source_cls
+        source_cls: Any = CompiledSource if self.source == "compiled" else Source
         self._source = poll.source = source_cls(
             self.kafka,
             self.topics,
@@ -505,10 +500,8 @@ class Pipeline:
             self._health,
         )
         if self._metrics_port is not None:
-            from kfast.prometheus import serve
-
             try:
-                self._metrics_server = serve(self, self._metrics_port)
+                self._metrics_server = serve_metrics(self, self._metrics_port)
             except OSError as e:
                 raise ConfigError(
                     f"metrics_port: cannot listen on {self._metrics_port}: {e}"
