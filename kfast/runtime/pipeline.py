@@ -60,7 +60,7 @@ from kfast.runtime.poll import PollLoop
 from kfast.runtime.ring import Ring
 from kfast.runtime.source import Source, consumer_config
 from kfast.runtime.stats import DecodeStats, DeliverStats, PollStats, percentiles
-from kfast.sinks import CallableSink, PipelineInfo
+from kfast.sinks import CallableSink, PipelineInfo, SinkHooks
 from kfast.sinks.async_sink import AsyncSinkAdapter, is_async_sink
 
 __all__ = ["Pipeline"]
@@ -208,6 +208,7 @@ class Pipeline:
         self.topics = list(topics)
         self.decoder = decoder
         self.sink = sink
+        self._sink_hooks = SinkHooks(sink)
         self.batch_policy = batch
         self.buffer_policy = buffer
         self.retry = retry
@@ -588,13 +589,13 @@ class Pipeline:
 
     def _open_sink(self) -> None:
         """``sink.open()`` under the RetryPolicy, exactly like a write (before joining the group)."""
-        opener = getattr(self.sink, "open", None)
-        if not callable(opener):
+        hooks = self._sink_hooks
+        if not hooks.has_open:
             return
         info = PipelineInfo(group_id=self.group_id, topics=list(self.topics))
         self._sink_opened = True
         assert self._delivery is not None
-        self._delivery.retrier.run(lambda: opener(info), self._ch.stop, what="sink open")
+        self._delivery.retrier.run(lambda: hooks.open(info), self._ch.stop, what="sink open")
 
     def _shutdown(self) -> None:
         """Runs last on the poll thread, on every exit path: threads, consumer, sink, server."""
@@ -612,13 +613,11 @@ class Pipeline:
                     self._delivery.close()
                 except Exception as e:
                     log.warning("delivery close failed: %s", e)
-            closer = getattr(self.sink, "close", None)
-            if self._sink_opened or not callable(getattr(self.sink, "open", None)):
-                if callable(closer):
-                    try:
-                        closer()
-                    except Exception as e:
-                        log.warning("sink close failed: %s", e)
+            if self._sink_opened or not self._sink_hooks.has_open:
+                try:
+                    self._sink_hooks.close()
+                except Exception as e:
+                    log.warning("sink close failed: %s", e)
         if self._metrics_server is not None:
             try:
                 self._metrics_server.close()

@@ -158,6 +158,10 @@ class SinkHooks:
         return bool(getattr(self.sink, "stores_offsets", False))
 
     @property
+    def has_open(self) -> bool:
+        return callable(self._open)
+
+    @property
     def has_row_transaction(self) -> bool:
         return callable(self._txn)
 
