@@ -47,7 +47,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kfast.avro import AvroDecoder
+from kfast.dlq import DeadLetterPolicy
 from kfast.errors import ConfigError
+from kfast.retry import RetryPolicy
+from kfast.runtime.pipeline import Pipeline
+from kfast.runtime.policies import BatchPolicy, BufferPolicy
+from kfast.sinks import CallableSink, NullSink
+from kfast.sinks.postgres import PostgresSink
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -135,8 +142,6 @@ def _decoder(spec: dict[str, Any], base: Path) -> Any:
     spec = dict(spec)
     kind = spec.pop("type", "avro")
     if kind == "avro":
-        from kfast.avro import AvroDecoder
-
         if "schema" not in spec:
             raise ConfigError("[decoder].schema: required for type = 'avro'")
         schema = _schema_value(spec.pop("schema"), base, "[decoder].schema")
@@ -146,6 +151,7 @@ def _decoder(spec: dict[str, Any], base: Path) -> Any:
             )
         return _construct(AvroDecoder, {"schema": schema, **spec}, "decoder")
     if kind == "protobuf":
+        # protobuf and confluent need the optional protobuf package: imported only when used
         from kfast.protobuf import ProtobufDecoder
 
         if "message" not in spec:
@@ -187,18 +193,12 @@ def _sink(spec: dict[str, Any]) -> Any:
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "null":
-        from kfast.sinks import NullSink
-
         if spec:
             raise ConfigError(f"[sink]: unexpected fields for type = 'null': {sorted(spec)}")
         return NullSink()
     if kind == "postgres":
-        from kfast.sinks.postgres import PostgresSink
-
         return _construct(PostgresSink, spec, "sink")
     if kind == "callable":
-        from kfast.sinks import CallableSink
-
         if "function" not in spec:
             raise ConfigError("[sink].function: required for type = 'callable'")
         fn = _import_object(str(spec.pop("function")), "[sink].function")
@@ -214,9 +214,6 @@ def _sink(spec: dict[str, Any]) -> Any:
 
 def build_pipeline(doc: dict[str, Any], base: Path) -> Any:
     """A :class:`kfast.Pipeline` from a parsed TOML document (``base``: its directory)."""
-    from kfast.runtime.pipeline import Pipeline
-    from kfast.runtime.policies import BatchPolicy, BufferPolicy
-
     unknown = sorted(k for k in doc if k not in _PIPELINE_KEYS | _SECTIONS)
     if unknown:
         raise ConfigError(
@@ -237,13 +234,9 @@ def build_pipeline(doc: dict[str, Any], base: Path) -> Any:
         kwargs["buffer"] = _construct(BufferPolicy, buffer, "buffer")
     retry = _table(doc, "retry")
     if retry is not None:
-        from kfast.retry import RetryPolicy
-
         kwargs["retry"] = _construct(RetryPolicy, retry, "retry")
     dlq = _table(doc, "dlq")
     if dlq is not None:
-        from kfast.dlq import DeadLetterPolicy
-
         kwargs["dlq"] = _construct(DeadLetterPolicy, dlq, "dlq")
     return Pipeline(kafka or {}, topics, decoder, sink, **kwargs)
 
