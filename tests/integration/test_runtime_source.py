@@ -244,3 +244,45 @@ def test_compiled_source_survives_a_broker_restart(
     ids = rec.ids()
     assert set(ids) == set(range(n1 + n2)), f"lost {n1 + n2 - len(set(ids))} messages"
     assert pipe.metrics()["ring"]["gaps"] == 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"partition.assignment.strategy": "cooperative-sticky"}, {"group.protocol": "consumer"}],
+    ids=["eager", "cooperative", "consumer-protocol"],
+)
+def test_compiled_close_revokes_before_consumer_close(
+    kafka_broker, kafka_consumer_config, unique_topic, unique_group, extra
+):
+    """close() leaves the group itself (unsubscribe, revoke served like any
+    rebalance) before rd_kafka_consumer_close: librdkafka can lose the reply to
+    an assign() called from a rebalance callback inside consumer_close, and the
+    close then hangs."""
+    kafka_broker.create_topic(unique_topic, partitions=2)
+    ring = Ring(1000, 1 << 20)
+    hooks = _Hooks(ring)
+    revoked: list[tuple[int, bool]] = []
+
+    def revoke(parts: list[TopicPartition]) -> None:
+        revoked.append((len(parts), src.consumer.leaving))
+        hooks.revoke(parts)
+
+    src = CompiledSource(
+        kafka_consumer_config(unique_group, **extra),
+        [unique_topic],
+        on_assign=hooks.assign,
+        on_revoke=revoke,
+        on_lost=hooks.revoke,
+        on_error=hooks.errors.append,
+    )
+    try:
+        src.subscribe()
+        deadline = time.monotonic() + 30
+        while len(src.assignment()) < 2:
+            assert time.monotonic() < deadline, "no assignment"
+            src.consume_into(ring, 100, 0.2)
+    finally:
+        src.close()
+    assert revoked == [(2, True)]
+    assert src.consumer.left, "close() timed out waiting for the revoke to take effect"
+    assert src.consumer.closed and not src.consumer.leaving

@@ -66,7 +66,7 @@ _SYMBOLS = (
     "resume_partitions", "seek_partitions", "commit", "topic_partition_list_new",
     "topic_partition_list_add", "topic_partition_list_destroy", "error_code",
     "error_string", "error_destroy", "fatal_error", "committed", "query_watermark_offsets",
-    "destroy_flags", "commit_queue",
+    "destroy_flags", "commit_queue", "unsubscribe",
 )
 
 # The oldest librdkafka with every function above (seek_partitions: 1.6.0,
@@ -289,6 +289,9 @@ cdef class Consumer:
     cdef object _pending              # exception raised inside a callback
     cdef readonly bint closed
     cdef readonly str protocol        # "COOPERATIVE", "EAGER" or "NONE" (not in a group yet)
+    cdef readonly unsigned long rebalances   # rebalance callbacks served
+    cdef readonly bint leaving        # close() is leaving the group (before consumer_close)
+    cdef readonly bint left           # close() left the group: nothing was assigned any more
 
     def __cinit__(self, dict conf, object owner):
         cdef char errstr[512]
@@ -357,7 +360,12 @@ cdef class Consumer:
         """Tell the owner, then (un)assign - also when the owner raised."""
         cdef int i
         cdef bint cooperative
+        self.rebalances += 1
         proto = _s(api.rebalance_protocol(self.rk))
+        if proto in (None, "NONE") and err != ERR__ASSIGN_PARTITIONS:
+            # a member leaving the group may no longer report the protocol: a
+            # revoke undoes the last assignment, under that assignment's protocol
+            proto = self.protocol
         self.protocol = proto or "NONE"
         cooperative = proto == "COOPERATIVE"
         items = _tuples(parts)
@@ -385,21 +393,59 @@ cdef class Consumer:
                     bint cooperative) except -1:
         cdef rd_kafka_error_t* e = NULL
         cdef rd_kafka_resp_err_t r = 0
-        if err == ERR__ASSIGN_PARTITIONS:
-            if cooperative:
-                e = api.incremental_assign(self.rk, parts)
+        cdef rd_kafka_t* rk = self.rk
+        # these wait for librdkafka's main thread: without the GIL, so that a
+        # slow (or lost) reply stalls this consumer only, not every Python thread
+        with nogil:
+            if err == ERR__ASSIGN_PARTITIONS:
+                if cooperative:
+                    e = api.incremental_assign(rk, parts)
+                else:
+                    r = api.assign(rk, parts)
+            elif err == ERR__REVOKE_PARTITIONS and cooperative:
+                e = api.incremental_unassign(rk, parts)
             else:
-                r = api.assign(self.rk, parts)
-        elif err == ERR__REVOKE_PARTITIONS and cooperative:
-            e = api.incremental_unassign(self.rk, parts)
-        else:
-            r = api.assign(self.rk, NULL)
+                r = api.assign(rk, NULL)
         if e != NULL:
             code, text = _error_message(e)
             raise _kafka_exception(code, text)
         if r:
             raise _kafka_exception(r, _err_str(r))
         return 0
+
+    cdef int _leave(self, double timeout) except -1:
+        """Unsubscribe and serve rebalances until nothing is assigned (see close)."""
+        from time import monotonic
+        cdef rd_kafka_resp_err_t r
+        cdef Py_ssize_t got
+        cdef unsigned long seen
+        with nogil:
+            r = api.unsubscribe(self.rk)
+        if r:
+            return 0   # consumer_close leaves the group itself
+        deadline = monotonic() + timeout
+        while True:
+            seen = self.rebalances
+            got = self._fetch(100, 0.1)
+            self._destroy_msgs(0, got)   # not stored, not committed: read again by the next owner
+            if self.rebalances == seen and self._assigned() <= 0:
+                self.left = True
+                return 0
+            if monotonic() >= deadline:
+                return 0
+
+    cdef int _assigned(self) noexcept:
+        """How many partitions are assigned (-1 if librdkafka cannot tell)."""
+        cdef rd_kafka_topic_partition_list_t* lst = NULL
+        cdef rd_kafka_resp_err_t r
+        cdef int n
+        with nogil:
+            r = api.assignment(self.rk, &lst)
+        if r or lst == NULL:
+            return -1
+        n = lst.cnt
+        api.topic_partition_list_destroy(lst)
+        return n
 
     # ----------------------------------------------------------------- consume
     def subscribe(self, list topics):
@@ -643,15 +689,29 @@ cdef class Consumer:
             raise _kafka_exception(r, _err_str(r))
         return low, high
 
-    def close(self):
+    def close(self, double leave_timeout=10.0):
         """Leave the group (revoke callbacks run here) and free the handle;
-        librdkafka's threads are joined. Idempotent."""
+        librdkafka's threads are joined. Idempotent.
+
+        The group is left before ``rd_kafka_consumer_close``: unsubscribe, then
+        serve the queue as ``consume_discard`` does (the revoke callback runs
+        as in any rebalance) until nothing is assigned, for at most
+        ``leave_timeout`` s. ``rd_kafka_consumer_close`` then has nothing to
+        revoke, so no rebalance callback runs inside it: librdkafka can lose
+        the reply to an assign() issued from a rebalance callback during
+        consumer_close, and that call then never returns (librdkafka issue
+        #4884; #4041 for rebalance_protocol())."""
         cdef rd_kafka_t* rk = self.rk
         if rk == NULL:
             return
         self.closed = True
-        with nogil:
-            api.consumer_close(rk)
+        self.leaving = True
+        try:
+            self._leave(leave_timeout)
+        finally:
+            self.leaving = False
+            with nogil:
+                api.consumer_close(rk)
         api.queue_destroy(self.queue)
         self.queue = NULL
         with nogil:

@@ -140,3 +140,4 @@ ctypedef struct RdKafkaAPI:
     void (*destroy_flags)(rd_kafka_t*, int) noexcept nogil
     rd_kafka_resp_err_t (*commit_queue)(rd_kafka_t*, const rd_kafka_topic_partition_list_t*,
                                         rd_kafka_queue_t*, commit_cb_t, void*) noexcept nogil
+    rd_kafka_resp_err_t (*unsubscribe)(rd_kafka_t*) noexcept nogil
