@@ -51,6 +51,8 @@ from kfast._columns cimport (
     col_append_null,
 )
 
+from kfast._layout import ListNode, RecordNode, ValueNode
+
 cdef enum:
     F_TOMBSTONE = 1     # value is None
     F_KEY = 2           # key present (klen may be 0)
@@ -427,6 +429,28 @@ cdef class Ring:
         self.rewind_at[p] = offset
         self.rewinds_started += 1
 
+    cdef inline void _store_slot(self, int p, int64_t off, int64_t timestamp, Py_ssize_t aoff,
+                                 Py_ssize_t need, Py_ssize_t klen, Py_ssize_t vlen,
+                                 Py_ssize_t hlen, int32_t flags) noexcept:
+        # the head slot of a message whose bytes are already in the arena at aoff
+        cdef Slot* s = &self.slots[self.head % self.capacity_messages]
+        s.offset = off
+        s.timestamp = timestamp
+        s.aoff = aoff
+        s.alen = need
+        s.vlen = vlen
+        s.klen = <int32_t>klen
+        s.hlen = <int32_t>hlen
+        s.part = p
+        s.gen = self.gen[p]
+        s.flags = flags
+        if self.head == self.tail:
+            self.rpos = aoff
+        self.wpos = aoff + need
+        self.head += 1
+        self.payload_bytes += need
+        self.expected[p] = off + 1
+
     def push(self, list messages):
         """Copy messages into the ring; return how many were stored.
 
@@ -438,9 +462,8 @@ cdef class Ring:
         cdef Py_ssize_t n = len(messages)
         cdef Py_ssize_t stored = 0, i
         cdef int p = -1, last_part = -1, part
-        cdef int64_t off
+        cdef int64_t off, timestamp
         cdef Py_ssize_t klen, vlen, hlen, need, aoff
-        cdef Slot* s
         cdef int32_t flags
         cdef object last_topic = None
         cdef bint fast, mfast, same
@@ -563,28 +586,13 @@ cdef class Ring:
                     _copy_into(self.arena + aoff + klen, value, vlen)
                 if hlen:
                     memcpy(self.arena + aoff + klen + vlen, PyBytes_AS_STRING(hbytes), hlen)
-            s = &self.slots[self.head % self.capacity_messages]
-            s.offset = off
             if mfast:
-                s.timestamp = (_field_i64(msg, _OFF_TS) if _field_i32(msg, _OFF_TSTYPE) != 0
-                               else -1)
+                timestamp = (_field_i64(msg, _OFF_TS) if _field_i32(msg, _OFF_TSTYPE) != 0
+                             else -1)
             else:
                 ts = (m_timestamp(msg) if same else msg.timestamp())
-                s.timestamp = ts[1] if ts[0] != 0 else -1
-            s.aoff = aoff
-            s.alen = need
-            s.vlen = vlen
-            s.klen = <int32_t>klen
-            s.hlen = <int32_t>hlen
-            s.part = p
-            s.gen = self.gen[p]
-            s.flags = flags
-            if self.head == self.tail:
-                self.rpos = aoff
-            self.wpos = aoff + need
-            self.head += 1
-            self.payload_bytes += need
-            self.expected[p] = off + 1
+                timestamp = ts[1] if ts[0] != 0 else -1
+            self._store_slot(p, off, timestamp, aoff, need, klen, vlen, hlen, flags)
             stored += 1
         self.pushed += stored
         return stored
@@ -727,7 +735,6 @@ cdef int ring_store(object ring, int p, int64_t off, int64_t timestamp,
     cdef Ring r = <Ring>ring
     cdef Py_ssize_t need, aoff
     cdef int32_t flags = 0
-    cdef Slot* s
     if p < 0 or not r.assigned[p]:
         r.dropped_unassigned += 1
         return 0
@@ -782,23 +789,7 @@ cdef int ring_store(object ring, int p, int64_t off, int64_t timestamp,
             memcpy(r.arena + aoff + klen, value, vlen)
         if hlen:
             memcpy(r.arena + aoff + klen + vlen, headers, hlen)
-    s = &r.slots[r.head % r.capacity_messages]
-    s.offset = off
-    s.timestamp = timestamp
-    s.aoff = aoff
-    s.alen = need
-    s.vlen = vlen
-    s.klen = <int32_t>klen
-    s.hlen = <int32_t>hlen
-    s.part = p
-    s.gen = r.gen[p]
-    s.flags = flags
-    if r.head == r.tail:
-        r.rpos = aoff
-    r.wpos = aoff + need
-    r.head += 1
-    r.payload_bytes += need
-    r.expected[p] = off + 1
+    r._store_slot(p, off, timestamp, aoff, need, klen, vlen, hlen, flags)
     r.pushed += 1
     return 1
 
@@ -971,7 +962,6 @@ cdef int _append_headers(Column* lst, Column* keys, Column* vals, const unsigned
 
 cdef int _fill_metadata(Ring ring, RingView view, Batch out, tuple metadata) except -1:
     """Append the coordinate columns of every good row of ``out`` (from its slot)."""
-    from kfast._layout import ListNode, RecordNode, ValueNode
     cdef Py_ssize_t base, r, j, col, nrows = out.num_rows, nparts = len(ring.partitions)
     cdef const int32_t* src = <const int32_t*>out.source_index.values.data
     cdef Slot* sl
