@@ -248,6 +248,16 @@ class KfastCollector:
         def hist(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
             return core.HistogramMetricFamily(name, doc, labels=[*base, *labels])
 
+        def fixed(fam: Any, series: Iterable[tuple[str, str]]) -> Any:
+            # one sample per (metrics() path, label value) of a one-label family
+            series = tuple(series)
+            for lv, snap, _ in snaps:
+                for path, label in series:
+                    v = _num(_path(snap, path))
+                    if v is not None:
+                        fam.add_metric([*lv, label], v)
+            return fam
+
         for path, name, doc in _COUNTERS:
             fam = counter(name, doc)
             for lv, snap, _ in snaps:
@@ -264,29 +274,22 @@ class KfastCollector:
                     fam.add_metric(lv, v * scale)
             yield fam
 
-        fam = counter(
-            "kfast_rebalance_partitions",
-            "Partitions assigned, revoked (during the run or at close) or lost in rebalances.",
-            ("event",),
+        yield fixed(
+            counter(
+                "kfast_rebalance_partitions",
+                "Partitions assigned, revoked (during the run or at close) or lost in rebalances.",
+                ("event",),
+            ),
+            ((f"rebalances.{ev}", ev) for ev in _REBALANCE_EVENTS),
         )
-        for lv, snap, _ in snaps:
-            for ev in _REBALANCE_EVENTS:
-                v = _num(_path(snap, f"rebalances.{ev}"))
-                if v is not None:
-                    fam.add_metric([*lv, ev], v)
-        yield fam
-
-        fam = counter(
-            "kfast_rebalance_callbacks",
-            "Rebalance callbacks run, by kind (assign, revoke).",
-            ("event",),
+        yield fixed(
+            counter(
+                "kfast_rebalance_callbacks",
+                "Rebalance callbacks run, by kind (assign, revoke).",
+                ("event",),
+            ),
+            (("rebalances.assign_callbacks", "assign"), ("rebalances.revoke_callbacks", "revoke")),
         )
-        for lv, snap, _ in snaps:
-            for key, ev in (("assign_callbacks", "assign"), ("revoke_callbacks", "revoke")):
-                v = _num(_path(snap, f"rebalances.{key}"))
-                if v is not None:
-                    fam.add_metric([*lv, ev], v)
-        yield fam
 
         fam = counter(
             "kfast_kafka_errors",
@@ -302,29 +305,23 @@ class KfastCollector:
                         fam.add_metric([*lv, str(key)], v)
         yield fam
 
-        fam = counter(
-            "kfast_ring_dropped_messages",
-            "Messages the ring did not keep (already seen, rewound, or from a revoked partition).",
-            ("reason",),
+        yield fixed(
+            counter(
+                "kfast_ring_dropped_messages",
+                "Messages the ring did not keep (already seen, rewound, or from a revoked "
+                "partition).",
+                ("reason",),
+            ),
+            ((f"ring.dropped_{reason}", reason) for reason in _RING_DROPS),
         )
-        for lv, snap, _ in snaps:
-            for reason in _RING_DROPS:
-                v = _num(_path(snap, f"ring.dropped_{reason}"))
-                if v is not None:
-                    fam.add_metric([*lv, reason], v)
-        yield fam
-
-        fam = counter(
-            "kfast_async_commits",
-            "Asynchronous offset commits completed, by result.",
-            ("result",),
+        yield fixed(
+            counter(
+                "kfast_async_commits",
+                "Asynchronous offset commits completed, by result.",
+                ("result",),
+            ),
+            (("commits.async_ok", "ok"), ("commits.async_failed", "failed")),
         )
-        for lv, snap, _ in snaps:
-            for key, result in (("async_ok", "ok"), ("async_failed", "failed")):
-                v = _num(_path(snap, f"commits.{key}"))
-                if v is not None:
-                    fam.add_metric([*lv, result], v)
-        yield fam
 
         fam = counter(
             "kfast_dlq_records",
@@ -379,17 +376,14 @@ class KfastCollector:
         yield committed
         yield durable
 
-        fam = gauge(
-            "kfast_memory_budget_bytes",
-            "Bytes of memory_limit planned for each component.",
-            ("component",),
+        yield fixed(
+            gauge(
+                "kfast_memory_budget_bytes",
+                "Bytes of memory_limit planned for each component.",
+                ("component",),
+            ),
+            ((f"memory_plan.{comp}", comp) for comp in _MEMORY_COMPONENTS),
         )
-        for lv, snap, _ in snaps:
-            for comp in _MEMORY_COMPONENTS:
-                v = _num(_path(snap, f"memory_plan.{comp}"))
-                if v is not None:
-                    fam.add_metric([*lv, comp], v)
-        yield fam
 
         fam = hist("kfast_batch_rows", "Rows per decoded batch.")
         for lv, snap, _ in snaps:
