@@ -304,6 +304,12 @@ class LocalService:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def process_state(self) -> str:
+        """``"exited with code N"`` or ``"is still running"``, for start-up errors."""
+        code = self._proc.poll() if self._proc is not None else None
+        return f"exited with code {code}" if code is not None else "is still running"
+
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines) if self.log_path is not None else ""
 

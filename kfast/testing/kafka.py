@@ -619,8 +619,7 @@ class KafkaBroker(_proc.LocalService):
                 f"the external Kafka broker {self._bootstrap} ({ENV_BOOTSTRAP}) {what} "
                 f"within {self.startup_timeout:.0f} s"
             )
-        code = self._proc.poll() if self._proc is not None else None
-        state = f"exited with code {code}" if code is not None else "is still running"
+        state = self.process_state
         return KafkaStartError(
             f"Apache Kafka {KAFKA_VERSION} on {self._bootstrap} {what} within "
             f"{self.startup_timeout:.0f} s (the JVM {state}). Log {self.log_path}, last lines:\n"

@@ -320,8 +320,7 @@ class PostgresServer(_proc.LocalService):
                 f"the external PostgreSQL server {ENV_DSN}={self._dsn!r} does not answer "
                 f"SELECT 1 within {self.startup_timeout:.0f} s: {last}"
             )
-        code = self._proc.poll() if self._proc is not None else None
-        state = f"exited with code {code}" if code is not None else "is still running"
+        state = self.process_state
         raise PostgresStartError(
             f"PostgreSQL on 127.0.0.1:{self.port} did not answer SELECT 1 within "
             f"{self.startup_timeout:.0f} s (postgres {state}; last error: {last}). "

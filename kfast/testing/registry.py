@@ -314,8 +314,7 @@ class SchemaRegistry(_proc.LocalService):
                 f"the external schema registry {self._url} ({ENV_REGISTRY}) did not answer "
                 f"GET /subjects within {self.startup_timeout:.0f} s"
             )
-        code = self._proc.poll() if self._proc is not None else None
-        state = f"exited with code {code}" if code is not None else "is still running"
+        state = self.process_state
         raise RegistryStartError(
             f"Apicurio Registry {REGISTRY_VERSION} on {self._url} did not answer within "
             f"{self.startup_timeout:.0f} s (the JVM {state}). Log {self.log_path}, last lines:\n"
