@@ -27,7 +27,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -102,31 +102,67 @@ def unique_name(prefix: str, nodename: str, max_len: int = 120) -> str:
     return f"{prefix}-{slug[:room]}-{suffix}"
 
 
+_Svc = TypeVar("_Svc", KafkaBroker, PostgresServer, SchemaRegistry)
+
+
+def _session_service(
+    request: pytest.FixtureRequest,
+    make: Callable[[], _Svc],
+    key: pytest.StashKey[_Svc],
+    describe: Callable[[_Svc], str],
+) -> Iterator[_Svc]:
+    """Start a session-wide service, report where it runs, close it at the end (or on failure)."""
+    _teardown_on_sigterm(request.config)
+    service = make()
+    try:
+        service.start()
+    except BaseException:
+        service.close()
+        raise
+    request.config.stash[key] = service
+    request.config.stash[_REPORT].append(describe(service))
+    try:
+        yield service
+    finally:
+        del request.config.stash[key]
+        service.close()
+
+
+def _describe_broker(broker: KafkaBroker) -> str:
+    if broker.external:
+        return f"external broker {broker.bootstrap} (KFAST_TEST_BOOTSTRAP)"
+    t = broker.timings
+    return (
+        f"Apache Kafka {KAFKA_VERSION} on {broker.bootstrap}: ready in "
+        f"{t.get('total_s', 0):.1f} s (jars {t.get('fetch_s', 0):.1f} s, format "
+        f"{t.get('format_s', 0):.1f} s, start {t.get('start_s', 0):.1f} s)"
+    )
+
+
+def _describe_pg(server: PostgresServer) -> str:
+    if server.external:
+        return "external PostgreSQL (KFAST_TEST_PG_DSN)"
+    return (
+        f"PostgreSQL on 127.0.0.1:{server.port}: ready in "
+        f"{server.timings.get('start_s', 0):.1f} s (initdb "
+        f"{server.timings.get('initdb_s', 0):.1f} s)"
+    )
+
+
+def _describe_registry(registry: SchemaRegistry) -> str:
+    if registry.external:
+        return f"external schema registry {registry.url} (KFAST_TEST_REGISTRY)"
+    t = registry.timings
+    return (
+        f"Apicurio Registry {REGISTRY_VERSION} on {registry.url}: ready in "
+        f"{t.get('total_s', 0):.1f} s (fetch {t.get('fetch_s', 0):.1f} s, start "
+        f"{t.get('start_s', 0):.1f} s)"
+    )
+
+
 @pytest.fixture(scope="session")
 def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
-    _teardown_on_sigterm(request.config)
-    broker = KafkaBroker()
-    try:
-        broker.start()
-    except BaseException:
-        broker.close()
-        raise
-    request.config.stash[_BROKER] = broker
-    if broker.external:
-        where = f"external broker {broker.bootstrap} (KFAST_TEST_BOOTSTRAP)"
-    else:
-        t = broker.timings
-        where = (
-            f"Apache Kafka {KAFKA_VERSION} on {broker.bootstrap}: ready in "
-            f"{t.get('total_s', 0):.1f} s (jars {t.get('fetch_s', 0):.1f} s, format "
-            f"{t.get('format_s', 0):.1f} s, start {t.get('start_s', 0):.1f} s)"
-        )
-    request.config.stash[_REPORT].append(where)
-    try:
-        yield broker
-    finally:
-        del request.config.stash[_BROKER]
-        broker.close()
+    yield from _session_service(request, KafkaBroker, _BROKER, _describe_broker)
 
 
 @pytest.fixture(scope="session")
@@ -142,28 +178,7 @@ def kafka_consumer_config(kafka_broker: KafkaBroker) -> Callable[..., dict[str, 
 
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
-    _teardown_on_sigterm(request.config)
-    server = PostgresServer()
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
-    request.config.stash[_PG] = server
-    if server.external:
-        where = "external PostgreSQL (KFAST_TEST_PG_DSN)"
-    else:
-        where = (
-            f"PostgreSQL on 127.0.0.1:{server.port}: ready in "
-            f"{server.timings.get('start_s', 0):.1f} s (initdb "
-            f"{server.timings.get('initdb_s', 0):.1f} s)"
-        )
-    request.config.stash[_REPORT].append(where)
-    try:
-        yield server
-    finally:
-        del request.config.stash[_PG]
-        server.close()
+    yield from _session_service(request, PostgresServer, _PG, _describe_pg)
 
 
 @pytest.fixture(scope="session")
@@ -173,29 +188,7 @@ def pg_dsn(pg_server: PostgresServer) -> str:
 
 @pytest.fixture(scope="session")
 def schema_registry(request: pytest.FixtureRequest) -> Iterator[SchemaRegistry]:
-    _teardown_on_sigterm(request.config)
-    registry = SchemaRegistry()
-    try:
-        registry.start()
-    except BaseException:
-        registry.close()
-        raise
-    request.config.stash[_REGISTRY] = registry
-    if registry.external:
-        where = f"external schema registry {registry.url} (KFAST_TEST_REGISTRY)"
-    else:
-        t = registry.timings
-        where = (
-            f"Apicurio Registry {REGISTRY_VERSION} on {registry.url}: ready in "
-            f"{t.get('total_s', 0):.1f} s (fetch {t.get('fetch_s', 0):.1f} s, start "
-            f"{t.get('start_s', 0):.1f} s)"
-        )
-    request.config.stash[_REPORT].append(where)
-    try:
-        yield registry
-    finally:
-        del request.config.stash[_REGISTRY]
-        registry.close()
+    yield from _session_service(request, SchemaRegistry, _REGISTRY, _describe_registry)
 
 
 @pytest.fixture
