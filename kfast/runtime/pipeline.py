@@ -58,7 +58,7 @@ from kfast.runtime.offsets import OffsetTracker
 from kfast.runtime.policies import BatchPolicy, BufferPolicy, parse_duration
 from kfast.runtime.poll import PollLoop
 from kfast.runtime.ring import Ring
-from kfast.runtime.source import Source, consumer_config
+from kfast.runtime.source import Source, check_kafka, consumer_config
 from kfast.runtime.stats import DecodeStats, DeliverStats, PollStats, percentiles
 from kfast.sinks import CallableSink, PipelineInfo, SinkHooks
 from kfast.sinks.async_sink import AsyncSinkAdapter, is_async_sink
@@ -121,13 +121,7 @@ class Pipeline:
         source: str | None = None,
         metadata: Sequence[str] | dict[str, str] | None = None,
     ) -> None:
-        if not isinstance(kafka, dict):
-            raise ConfigError(
-                f"kafka: expected a dict of librdkafka settings, got {type(kafka).__name__}"
-            )
-        for key in ("bootstrap.servers", "group.id"):
-            if not kafka.get(key):
-                raise ConfigError(f"kafka[{key!r}]: required")
+        check_kafka(kafka)
         if isinstance(topics, str):
             topics = [topics]
         if not topics or not all(isinstance(t, str) and t for t in topics):

@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from kfast.errors import ConfigError
 from kfast.runtime.kafka_log import kafka_logger_config
 
-__all__ = ["Source", "consumer_config", "FORCED_FALSE"]
+__all__ = ["Source", "check_kafka", "consumer_config", "FORCED_FALSE"]
 
 log = logging.getLogger("kfast.runtime.source")
 
@@ -45,10 +45,8 @@ def _is_true(v: Any) -> bool:
     return str(v).strip().lower() in ("true", "1", "yes", "on")
 
 
-def consumer_config(
-    kafka: dict[str, Any], plan_settings: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """The librdkafka configuration kfast runs with (see the module docstring)."""
+def check_kafka(kafka: Any) -> None:
+    """``kafka`` is a dict of librdkafka settings with the two kfast cannot run without."""
     if not isinstance(kafka, dict):
         raise ConfigError(
             f"kafka: expected a dict of librdkafka settings, got {type(kafka).__name__}"
@@ -56,6 +54,13 @@ def consumer_config(
     for key in ("bootstrap.servers", "group.id"):
         if not kafka.get(key):
             raise ConfigError(f"kafka[{key!r}]: required")
+
+
+def consumer_config(
+    kafka: dict[str, Any], plan_settings: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The librdkafka configuration kfast runs with (see the module docstring)."""
+    check_kafka(kafka)
     for key in FORCED_FALSE:
         if key in kafka and _is_true(kafka[key]):
             raise ConfigError(
