@@ -74,6 +74,7 @@ from kfast._cursor cimport (
     cur_take,
 )
 
+from kfast._layout import ListNode, MapNode, ObjectNode, RecordNode, ValueNode
 from kfast.avro import schema as _schema
 from kfast.errors import ConfigError
 from kfast.row_error import RowError
@@ -766,7 +767,6 @@ cdef class Program:
 
 
 def _top_fixed_columns(layout, spec):
-    from kfast._layout import ListNode, MapNode, ObjectNode, RecordNode, ValueNode
     out = []
 
     def walk(node):
