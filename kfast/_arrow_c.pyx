@@ -39,6 +39,7 @@ from kfast._columns cimport (
     col_is_valid,
 )
 
+from kfast._arrow import object_array
 from kfast._layout import ListNode, MapNode, ObjectNode, RecordNode, ValueNode
 
 
@@ -256,7 +257,6 @@ cdef class _Planner:
         return out
 
     cdef _Node object_(self, object layout, bytes name):
-        from kfast._arrow import object_array
         cdef _Node out = _node(b"", name, True, 0, 0, [])
         convs = self.batch.object_converters
         out.foreign = object_array(self.batch.objects[layout.col],

@@ -50,6 +50,7 @@ import decimal as _decimal
 import gc as _gc
 import uuid as _uuid
 
+from kfast._arrow import batch_to_arrow
 from kfast._layout import ListNode, MapNode, ObjectNode, RecordNode, ValueNode
 from kfast.errors import ConfigError
 
@@ -467,12 +468,12 @@ cdef class Batch:
 
     def to_arrow(self):
         """A ``pyarrow.RecordBatch`` over the batch's buffers (``pyarrow.record_batch(batch)``)."""
-        from kfast._arrow import batch_to_arrow
         return batch_to_arrow(self)
 
     # Arrow PyCapsule interface (kfast._arrow_c): the batch is a struct array
     # of its top-level columns; its buffers are shared, not copied, and the
     # batch refuses recycling until every exported array is released.
+    # kfast._arrow_c is imported on use: it cimports Batch, so it imports this module.
 
     def __arrow_c_schema__(self):
         from kfast._arrow_c import export_schema
