@@ -14,8 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from kfast._version import __version__
+from kfast.cli import replay
 from kfast.cli.config import build_pipeline, load_pipeline
 from kfast.errors import ConfigError, KfastError
+from kfast.prometheus import serve
 
 __all__ = ["build_pipeline", "load_pipeline", "main"]
 
@@ -32,8 +34,6 @@ def _run(ns: argparse.Namespace) -> int:
     server = None
     try:
         if ns.health_port is not None:
-            from kfast.prometheus import serve
-
             try:
                 server = serve(pipe, ns.health_port, host=ns.health_host)
             except OSError as e:
@@ -49,8 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``kfast``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "replay":
-        from kfast.cli import replay
-
         return int(replay.main(args[1:]))
     parser = argparse.ArgumentParser(prog="kfast", description="kfast: bounded Kafka pipelines")
     parser.add_argument("--version", action="version", version=f"kfast {__version__}")
