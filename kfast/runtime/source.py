@@ -36,6 +36,7 @@ log = logging.getLogger("kfast.runtime.source")
 
 FORCED_FALSE = ("enable.auto.commit", "enable.auto.offset.store")
 _CALLBACK_KEYS = ("on_commit", "stats_cb", "error_cb", "throttle_cb", "logger", "oauth_cb")
+_LEAVE_TIMEOUT = 10.0  # seconds close() serves the revoke before closing anyway
 
 RebalanceCb = Callable[[list[TopicPartition]], None]
 AssignCb = Callable[[list[TopicPartition]], "dict[tuple[str, int], int] | None"]
@@ -152,6 +153,7 @@ class Source:
         self.async_commits_failed = 0
         self.fatal: KafkaError | None = None
         self.brokers_up = False
+        self._rebalances = 0
         try:
             self.consumer = Consumer(conf)
         except KafkaException as e:
@@ -165,6 +167,7 @@ class Source:
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """``on_assign`` may return start offsets (kept by the sink, exactly-once):
         the partitions are then assigned here, starting there."""
+        self._rebalances += 1
         offsets = self._on_assign(partitions)
         if not offsets:
             return  # confluent_kafka assigns them from the committed offsets
@@ -178,9 +181,11 @@ class Source:
             consumer.assign(partitions)
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._rebalances += 1
         self._on_revoke(partitions)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._rebalances += 1
         self._on_lost(partitions)
 
     def consume(self, num_messages: int, timeout: float) -> list[Message]:
@@ -217,7 +222,26 @@ class Source:
             self.consumer.commit(offsets=tps, asynchronous=False)
 
     def close(self) -> None:
-        self.consumer.close()
+        """Leave the group, then close the consumer.
+
+        The group is left first - unsubscribe, then serve the revoke like any
+        rebalance until nothing is assigned (at most ``_LEAVE_TIMEOUT``) - so
+        that librdkafka's consumer_close has nothing to revoke: inside it, the
+        rebalance callback's calls into librdkafka (rebalance_protocol(),
+        assign()) can wait forever for a reply (librdkafka #4041, #4884)."""
+        try:
+            self.consumer.unsubscribe()
+            deadline = time.monotonic() + _LEAVE_TIMEOUT
+            while time.monotonic() < deadline:
+                seen = self._rebalances
+                # messages still arriving are dropped: not committed, the next owner reads them
+                self.consumer.consume(num_messages=100, timeout=0.1)
+                if self._rebalances == seen and not self.consumer.assignment():
+                    break
+        except KafkaException as e:
+            log.debug("leaving the group before close: %s", e)
+        finally:
+            self.consumer.close()
 
     def lag_total(self) -> int:
         with self._lock:
