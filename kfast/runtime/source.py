@@ -154,6 +154,7 @@ class Source:
         self.fatal: KafkaError | None = None
         self.brokers_up = False
         self._rebalances = 0
+        self._closed = False
         try:
             self.consumer = Consumer(conf)
         except KafkaException as e:
@@ -229,6 +230,9 @@ class Source:
         that librdkafka's consumer_close has nothing to revoke: inside it, the
         rebalance callback's calls into librdkafka (rebalance_protocol(),
         assign()) can wait forever for a reply (librdkafka #4041, #4884)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.consumer.unsubscribe()
             deadline = time.monotonic() + _LEAVE_TIMEOUT
