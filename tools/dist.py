@@ -29,6 +29,7 @@ import argparse
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -310,7 +311,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         "no:cacheprovider",
                         "-m",
                         "not integration",
-                        *args.pytest_args.split(),
+                        *shlex.split(args.pytest_args),
                         # every test under tests/integration carries the marker: collecting
                         # only tests/unit selects the same tests, faster
                         os.path.join(suite_root, "tests", "unit"),
