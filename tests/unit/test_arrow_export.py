@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 import duckdb
+import nanoarrow as na
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -314,6 +315,21 @@ def test_polars_and_duckdb_read_the_same_values() -> None:
          "note": r[7], "tags": r[8], "address": r[9]} for r in rows
     ] == [{k: v for k, v in e.items() if k != "ts"} for e in expected]  # fmt: skip
     assert [r[5] for r in rows] == [int(e["ts"].timestamp() * 1000) for e in expected]
+
+
+def test_nanoarrow_reads_the_same_values_over_both_interfaces() -> None:
+    batch = AvroDecoder(ORDER).decode([encode(ORDER, order(i)) for i in range(50)])
+    expected = pa.table(batch).to_pylist()
+
+    def same_instant(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # nanoarrow gives datetime.timezone.utc, pyarrow zoneinfo UTC: compare the instant
+        return [{**r, "ts": r["ts"].timestamp()} for r in rows]
+
+    over_stream = [row for chunk in na.ArrayStream(batch) for row in chunk.iter_py()]
+    over_array = list(na.Array(na.c_array(batch)).iter_py())
+    assert same_instant(over_stream) == same_instant(expected)
+    assert same_instant(over_array) == same_instant(expected)
+    assert na.c_schema(batch).n_children == pa.table(batch).num_columns
 
 
 # ---------------------------------------------------------------- zero copy, lifetime, memory
