@@ -6,7 +6,7 @@ table whose primary key is (kafka_topic, kafka_partition, kafka_offset), with
 offsets table). It is SIGKILLed a few times mid-run, so batches are delivered
 again; the final run drains the topic. Every record is in the table exactly
 once, at its coordinates. ``KFAST_KILL_ROUNDS`` sets the number of kills
-(default 3).
+(default 5).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _count(dsn: str, table: str) -> int:
 def test_coordinates_as_key_make_upserts_idempotent_under_kill_9(
     pg_dsn: str, kafka_broker: Any, unique_topic: str, unique_group: str
 ) -> None:
-    rounds = int(os.environ.get("KFAST_KILL_ROUNDS", "3"))
+    rounds = int(os.environ.get("KFAST_KILL_ROUNDS", "5"))
     n = 20_000
     rng = random.Random(99)
     kafka_broker.create_topic(unique_topic, partitions=3)
