@@ -84,6 +84,24 @@ def uses_consumer_protocol(conf: dict[str, Any]) -> bool:
     return str(conf.get("group.protocol", "classic")).strip().lower() == "consumer"
 
 
+def parse_statistics(stats_json: str) -> tuple[dict[str, int], bool]:
+    """Per-partition lag (``"topic[p]"``) of this member and whether any broker is up,
+    from librdkafka's statistics JSON (both sources' ``stats_cb``)."""
+    stats = json.loads(stats_json)
+    lag: dict[str, int] = {}
+    for tname, t in stats.get("topics", {}).items():
+        for pid, p in t.get("partitions", {}).items():
+            if pid == "-1":
+                continue
+            if p.get("fetch_state") in (None, "none", "stopped"):
+                continue  # not assigned to this member
+            # consumer_lag = high watermark - committed offset (kfast
+            # commits explicit offsets and never uses the offset store).
+            lag[f"{tname}[{pid}]"] = int(p.get("consumer_lag", -1))
+    up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
+    return lag, up
+
+
 class Source:
     """Owns the consumer; every method is called from the poll thread only.
 
@@ -300,24 +318,14 @@ class Source:
 
     def _on_stats(self, stats_json: str) -> None:
         try:
-            stats = json.loads(stats_json)
-            lag: dict[str, int] = {}
-            for tname, t in stats.get("topics", {}).items():
-                for pid, p in t.get("partitions", {}).items():
-                    if pid == "-1":
-                        continue
-                    if p.get("fetch_state") in (None, "none", "stopped"):
-                        continue  # not assigned to this member
-                    # consumer_lag = high watermark - committed offset (kfast
-                    # commits explicit offsets and never uses the offset store).
-                    lag[f"{tname}[{pid}]"] = int(p.get("consumer_lag", -1))
-            up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
+            lag, up = parse_statistics(stats_json)
+        except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - defensive
+            log.debug("cannot parse librdkafka statistics: %s", e)
+        else:
             with self._lock:
                 self.lag = lag
                 self.stats_received += 1
                 self.brokers_up = up
-        except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - defensive
-            log.debug("cannot parse librdkafka statistics: %s", e)
         if self._user_stats_cb is not None:
             self._user_stats_cb(stats_json)
 

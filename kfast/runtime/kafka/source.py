@@ -13,7 +13,6 @@ the ``kfast.kafka`` logger.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,7 +23,7 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from kfast.errors import ConfigError
 from kfast.runtime.kafka_log import kafka_logger_config
-from kfast.runtime.source import consumer_config, uses_consumer_protocol
+from kfast.runtime.source import consumer_config, parse_statistics, uses_consumer_protocol
 
 __all__ = ["CompiledSource"]
 
@@ -205,22 +204,14 @@ class CompiledSource:
 
     def _on_stats(self, stats_json: str) -> None:
         try:
-            stats = json.loads(stats_json)
-            lag: dict[str, int] = {}
-            for tname, t in stats.get("topics", {}).items():
-                for pid, p in t.get("partitions", {}).items():
-                    if pid == "-1":
-                        continue
-                    if p.get("fetch_state") in (None, "none", "stopped"):
-                        continue  # not assigned to this member
-                    lag[f"{tname}[{pid}]"] = int(p.get("consumer_lag", -1))
-            up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
+            lag, up = parse_statistics(stats_json)
+        except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - defensive
+            log.debug("cannot parse librdkafka statistics: %s", e)
+        else:
             with self._lock:
                 self.lag = lag
                 self.stats_received += 1
                 self.brokers_up = up
-        except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - defensive
-            log.debug("cannot parse librdkafka statistics: %s", e)
         if self._user_stats_cb is not None:
             self._user_stats_cb(stats_json)
 
