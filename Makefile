@@ -52,12 +52,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Integration and unit tests run in two processes: after the exactly-once poison-rows pipeline
-# test, the Protobuf cases of tests/unit/test_arrow_export.py crash in the same process (a memory
-# error not yet found; docs/testing.md says how to reproduce it).
 test: build fetch-kafka fetch-registry lint typecheck
-	$(PY) -X faulthandler -m pytest -q -p no:cacheprovider tests/integration
-	$(PY) -X faulthandler -m pytest -q -p no:cacheprovider tests/unit
+	$(PY) -X faulthandler -m pytest -q -p no:cacheprovider tests
 	$(MAKE) --no-print-directory wheel-check
 
 unit: build

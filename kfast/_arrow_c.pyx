@@ -17,6 +17,7 @@ released, so the batch refuses ``decode(out=batch)`` (``BufferError``) while
 any exported array is alive, exactly as it does for memoryviews.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_Destructor, PyCapsule_GetPointer, PyCapsule_New
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
@@ -123,6 +124,7 @@ cdef extern from *:
 
 # ---------------------------------------------------------------- keeper
 
+@cython.no_gc_clear  # __dealloc__ must still see its batch to release the export
 cdef class _Keep:
     """Holds the batch (one export) and the buffers converted for an export."""
     cdef Batch batch

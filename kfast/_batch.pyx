@@ -163,6 +163,10 @@ cdef void _fill_view(Py_buffer* view, object owner, char* ptr, Py_ssize_t nbytes
     view.internal = NULL
 
 
+# no_gc_clear: the garbage collector may clear an exporter before the
+# memoryview that releases it; a cleared ``batch`` (None) would then be
+# written through in __releasebuffer__.
+@cython.no_gc_clear
 cdef class _Exporter:
     """A raw memory region of a batch exported through the buffer protocol.
 
@@ -183,7 +187,8 @@ cdef class _Exporter:
         self.batch.exports += 1
 
     def __releasebuffer__(self, Py_buffer* view):
-        self.batch.exports -= 1
+        if self.batch is not None:
+            self.batch.exports -= 1
 
 
 cdef object _export(Batch batch, const void* ptr, Py_ssize_t nbytes, Py_ssize_t itemsize, bytes fmt):
@@ -742,6 +747,7 @@ cdef list _column_values(Column* c, str conv, object arg, Py_ssize_t start, Py_s
 
 # ---------------------------------------------------------------- ColumnView
 
+@cython.no_gc_clear  # released by memoryviews, like _Exporter
 cdef class ColumnView:
     """Zero-copy view of one column of a Batch.
 
@@ -826,7 +832,8 @@ cdef class ColumnView:
         self.batch.exports += 1
 
     def __releasebuffer__(self, Py_buffer* view):
-        self.batch.exports -= 1
+        if self.batch is not None:
+            self.batch.exports -= 1
 
     def _no_buffer(self):
         return (f"column {self.name!r} is {self.kind}: it has no single values buffer; "

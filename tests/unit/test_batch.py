@@ -8,6 +8,7 @@ real decoders, so these tests pin the Batch down independently of Avro.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import struct
 import sys
 import uuid
@@ -323,3 +324,25 @@ def test_any_bytes_like_payload() -> None:
     p = order_payload(row)
     batch = order_decoder().decode([bytearray(p), memoryview(p), p])
     assert batch.to_pylist() == [row] * 3
+
+
+@pytest.mark.parametrize(
+    "export",
+    [lambda b: memoryview(b.column("id")), lambda b: b.column("id").values],
+    ids=["column", "values"],
+)
+def test_views_freed_by_the_garbage_collector_release_their_batch(export: Any) -> None:
+    # A view in a reference cycle is freed by the collector, which may clear
+    # the exporting object before the memoryview releases it.
+    dec = order_decoder()
+    row = {"id": 1, "name": "a", "price": 1.0, "qty": 1, "ok": True, "tags": [], "attrs": {}}
+    batch = dec.decode([order_payload(row)])
+    none_flags = type(None).__flags__
+    for _ in range(3):
+        cycle: list[Any] = [export(batch)]
+        cycle.append(cycle)
+        del cycle
+        gc.collect()
+    assert type(None).__flags__ == none_flags
+    again = dec.decode([order_payload(row)] * 2, out=batch)
+    assert again is batch and batch.num_rows == 2
