@@ -215,6 +215,7 @@ cdef class Ring:
     cdef int32_t* rstate
     cdef int32_t* gen
     cdef int32_t* assigned
+    cdef int64_t* next_off           # decode's scratch: next offset per partition, -1 unseen
     cdef list topics
     cdef list partitions
     cdef dict index
@@ -261,6 +262,7 @@ cdef class Ring:
         free(self.rstate)
         free(self.gen)
         free(self.assigned)
+        free(self.next_off)
         free(self.ptrs)
         free(self.lens)
 
@@ -325,6 +327,10 @@ cdef class Ring:
         if p == NULL:
             raise MemoryError()
         self.assigned = <int32_t*>p
+        p = realloc(self.next_off, cap * sizeof(int64_t))
+        if p == NULL:
+            raise MemoryError()
+        self.next_off = <int64_t*>p
         self.cap_parts = cap
         return 0
 
@@ -628,7 +634,7 @@ cdef class Ring:
         columns to ``out``, filled here for every good row.
         """
         cdef int64_t s
-        cdef Py_ssize_t k = 0
+        cdef Py_ssize_t k = 0, i
         cdef Slot* sl
         cdef RingView view
         cdef void* p
@@ -651,13 +657,14 @@ cdef class Ring:
         view.seqs = <int64_t*>malloc((count if count else 1) * sizeof(int64_t))
         if view.seqs == NULL:
             raise MemoryError()
-        progress = {}
+        for i in range(self.nparts):
+            self.next_off[i] = -1
         for s in range(start, start + count):
             sl = &self.slots[s % self.capacity_messages]
             if sl.gen != self.gen[sl.part]:
                 self.abandoned += 1
                 continue
-            progress[sl.part] = sl.offset + 1
+            self.next_off[sl.part] = sl.offset + 1
             if sl.flags & F_TOMBSTONE:
                 self.tombstones += 1
                 continue
@@ -670,7 +677,8 @@ cdef class Ring:
             view.seqs[k] = s
             k += 1
         view.n = k
-        view.progress = {i: (self.gen[i], nxt) for i, nxt in progress.items()}
+        view.progress = {i: (self.gen[i], self.next_off[i])
+                         for i in range(self.nparts) if self.next_off[i] >= 0}
         decoder.decode_spans(self.ptrs, self.lens, k, out)
         if metadata:
             _fill_metadata(self, view, out, metadata)
