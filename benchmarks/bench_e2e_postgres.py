@@ -17,6 +17,9 @@ Paths (each loads its table from empty, one transaction per batch of 10k rows):
 * ``exactly_once``: ``PostgresSink(mode="exactly_once")`` (offset fence: lock the partition's row
   in ``kfast_offsets``, COPY, store the next offsets, all in the batch's transaction).
 * ``copy_2conn``: ``PostgresSink(connections=2)`` (each batch split over two connections).
+* ``kafka_floor``: librdkafka's own cost on the same topic: kfast's compiled consumer with the
+  memory plan's settings consuming and freeing every message (no decoding, no copy, no sink):
+  the client CPU per row no librdkafka-based consumer goes under on this machine.
 * ``ceiling``: COPY of the same rows pre-encoded as binary COPY buffers (no Kafka, no decoding, no
   client encoding), one connection, one transaction per 10k rows: what one server backend
   absorbs. ``ceiling_2conn``: two connections each copying every other pre-encoded batch.
@@ -103,6 +106,7 @@ PATHS = [
     "exactly_once",
     "copy_2conn",
     "ceiling_2conn",
+    "kafka_floor",
 ]
 KFAST_PATHS: dict[str, dict[str, Any]] = {
     "copy": {"mode": "copy"},
@@ -152,6 +156,33 @@ def tree_cpu(pid: int | None) -> float:
         if f[1] == str(pid):
             total += (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / _TICK
     return total
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads, summed by role: Python threads by name,
+    librdkafka's threads (named ``rdk:...``) as ``librdkafka``, the rest by their comm."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for entry in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{entry}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        f = raw[raw.rindex(")") + 2 :].split()
+        cpu = (int(f[11]) + int(f[12])) / _TICK
+        name = names.get(int(entry)) or ("librdkafka" if comm.startswith("rdk:") else comm)
+        out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
+def thread_cpu_us(before: dict[str, float], after: dict[str, float], rows: int) -> dict[str, float]:
+    return {
+        k: round(1e6 * (v - before.get(k, 0.0)) / rows, 3)
+        for k, v in sorted(after.items())
+        if v - before.get(k, 0.0) > 0
+    }
 
 
 class CpuWindow:
@@ -388,16 +419,19 @@ def run_kfast(
     th.start()
     deadline = time.monotonic() + 600
     started = False
+    threads0: dict[str, float] = {}
     # A 2 ms poll of two counters costs ~0.1% of a core; the end is known within 2 ms.
     while not errors and time.monotonic() < deadline:
         if not started and sink.first_t:
             cpu.start(sink.first_cpu, sink.first_t)
+            threads0 = thread_cpu()
             started = True
         if _processed(pipe) >= n:
             break
         time.sleep(0.002)
     end = time.perf_counter()
     cpu.stop(t=end)
+    threads1 = thread_cpu()
     metrics = pipe.metrics()
     pipe.stop()
     th.join(120)
@@ -427,6 +461,7 @@ def run_kfast(
         "seconds": end - t0,
         "steady_rows_per_s": n / (end - sink.first_t),
         "cpu_us_per_row": cpu.per_row_us(n),
+        "thread_cpu_us_per_row": thread_cpu_us(threads0, threads1, n),
         "fenced_rows": getattr(sink, "fenced_rows", 0),
         "stages_ms": {
             "batches": len(st),
@@ -515,6 +550,53 @@ def run_naive(
         "seconds": end - t0,
         "steady_rows_per_s": n / (end - first),
         "cpu_us_per_row": cpu.per_row_us(n),
+    }
+
+
+def run_kafka_floor(
+    bootstrap: str, topic: str, n: int, pids: tuple[int | None, int | None]
+) -> dict[str, Any]:
+    from kfast.runtime.kafka.source import CompiledSource
+    from kfast.runtime.memory import plan_memory
+
+    plan = plan_memory("256MiB", {}, kfast.BatchPolicy(max_rows=BATCH), kfast.BufferPolicy())
+    src = CompiledSource(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-floor-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+        },
+        [topic],
+        plan_settings=plan.kafka_settings(),
+        on_assign=lambda parts: None,
+        on_revoke=lambda parts: None,
+        on_lost=lambda parts: None,
+        on_error=lambda err: None,
+    )
+    cpu = CpuWindow(*pids)
+    t0 = time.perf_counter()
+    src.subscribe()
+    got = 0
+    first = 0.0
+    threads0: dict[str, float] = {}
+    try:
+        while got < n:
+            k = src.consumer.consume_discard(BATCH, 0.5)
+            if k and not first:
+                cpu.start()
+                threads0 = thread_cpu()
+                first = cpu.t[0]
+            got += k
+        end = time.perf_counter()
+        cpu.stop(t=end)
+        threads1 = thread_cpu()
+    finally:
+        src.close()
+    return {
+        "seconds": end - t0,
+        "steady_rows_per_s": n / (end - first),
+        "cpu_us_per_row": cpu.per_row_us(n),
+        "thread_cpu_us_per_row": thread_cpu_us(threads0, threads1, n),
     }
 
 
@@ -677,6 +759,8 @@ def bench(
                         res[path] = run_kfast(bootstrap, topic, dsn, n, path, pids)
                 elif path == "naive":
                     res[path] = run_naive(bootstrap, topic, dsn, n, pids)
+                elif path == "kafka_floor":
+                    res[path] = run_kafka_floor(bootstrap, topic, n, pids)
                 else:
                     conns = 2 if path.endswith("_2conn") else 1
                     res[path] = run_ceiling(dsn, streams, columns, n, pids, conns)
@@ -686,6 +770,11 @@ def bench(
                 "seconds": {p: res[p]["seconds"] for p in paths},
                 "steady_rows_per_s": {p: res[p]["steady_rows_per_s"] for p in paths},
                 "cpu_us_per_row": {p: res[p]["cpu_us_per_row"] for p in paths},
+                "thread_cpu_us_per_row": {
+                    p: res[p]["thread_cpu_us_per_row"]
+                    for p in paths
+                    if "thread_cpu_us_per_row" in res[p]
+                },
                 "stages_ms": {p: res[p]["stages_ms"] for p in paths if "stages_ms" in res[p]},
             }
             per_round.append(rd)
@@ -840,6 +929,8 @@ def report(res: dict[str, Any]) -> str:
         )
     out.append(f"kfast's COPY encoder alone: {res['encoder_us_per_row']:.3f} us/row")
     for rd in res["per_round"][-1:]:
+        for p, t in rd.get("thread_cpu_us_per_row", {}).items():
+            out.append(f"  client CPU by thread {p} (last round, us/row): " + json.dumps(t))
         for p, s in rd["stages_ms"].items():
             out.append(f"  stages {p} (last round, ms p50): " + json.dumps(s))
     out.append(json.dumps(res["environment"]))

@@ -180,6 +180,41 @@ def _child_raw(bootstrap: str, topic: str, n: int, tuned: bool) -> dict[str, Any
     return _cpu_fields(got, t_end - t_first, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
 
+def _child_floor(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
+    """librdkafka's own cost: kfast's compiled consumer with the memory plan's settings,
+    consuming and freeing every message (no copy, no Python object per message)."""
+    from kfast.runtime.kafka.source import CompiledSource
+
+    src = CompiledSource(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "floor-" + uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+        },
+        [topic],
+        plan_settings=_kfast_kafka_settings(),
+        on_assign=lambda parts: None,
+        on_revoke=lambda parts: None,
+        on_lost=lambda parts: None,
+        on_error=lambda err: None,
+    )
+    src.subscribe()
+    tid = threading.get_native_id()
+    got = 0
+    t_first = 0.0
+    cpu0 = (0.0, 0.0)
+    while got < n:
+        k = src.consumer.consume_discard(10_000, 0.1)
+        if k and not t_first:
+            t_first = time.perf_counter()
+            cpu0 = (_thread_cpu(tid), _process_cpu())
+        got += k
+    t_end = time.perf_counter()
+    cpu1 = (_thread_cpu(tid), _process_cpu())
+    src.close()
+    return _cpu_fields(got, t_end - t_first, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+
+
 def _kfast_kafka_settings() -> dict[str, str]:
     import kfast
     from kfast.runtime.memory import plan_memory
@@ -253,6 +288,7 @@ def _child_kfast(
             "pauses": m["pauses"],
             "batches": m["batches"],
             "batch_rows_p50": m["batch_size"]["p50"],
+            "consume_calls": pipe._poll_stats.consume_calls,
             "latency_s": m["latency_s"],
             "memory_limit": pipe.memory_plan().limit,
         }
@@ -276,7 +312,7 @@ def _spawn(kind: str, bootstrap: str, topic: str, n: int, memory_limit: str = "2
 
 
 # ------------------------------------------------------------------ the runs
-KINDS = ("raw", "raw_tuned", "kfast_confluent", "kfast_compiled")
+KINDS = ("raw", "raw_tuned", "kfast_confluent", "kfast_compiled", "librdkafka_floor")
 
 
 def throughput(bootstrap: str, n: int, rounds: int, kinds: tuple[str, ...] = KINDS) -> dict:
@@ -451,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.child:
         kind, bootstrap, topic, n, limit = a.child
-        if kind in ("raw", "raw_tuned"):
+        if kind == "librdkafka_floor":
+            res = _child_floor(bootstrap, topic, int(n))
+        elif kind in ("raw", "raw_tuned"):
             res = _child_raw(bootstrap, topic, int(n), tuned=kind == "raw_tuned")
         else:
             res = _child_kfast(bootstrap, topic, int(n), limit, kind.removeprefix("kfast_"))
