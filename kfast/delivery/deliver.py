@@ -163,7 +163,9 @@ class _Run:
             letters.confirm()
             d._write(batch.slice(0, 0), self.stop)  # the whole batch's offsets, no rows
         letters.confirm()
-        d.dirty = len(letters.dead_inputs) > len(batch.errors)  # rows the sink rejected
+        # Rows the server rejected: the next batch is screened first. Rows the sink's
+        # client-side check found cost nothing to isolate and say nothing of the next batch.
+        d.dirty = len(letters.dead_inputs) > len(batch.errors) + letters.client_found
         d.dirty_keys = bool(letters.sink_states & KEY_STATES)
         if d.breaker is not None:
             n = batch.num_rows + len(batch.errors)

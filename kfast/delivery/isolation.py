@@ -41,6 +41,7 @@ class RowTransaction(Protocol):
     def write(self, ranges: list[tuple[int, int]]) -> None: ...
     def probe(self, ranges: list[tuple[int, int]]) -> None: ...
     def row_only(self, exc: PermanentSinkError) -> bool: ...
+    def prescreen(self) -> dict[int, PermanentSinkError] | None: ...
     def screen(
         self, ranges: list[tuple[int, int]], keys: bool
     ) -> dict[int, PermanentSinkError] | None: ...
@@ -126,6 +127,7 @@ def _isolate_once(
                 for row, (exc, attempts) in dead:
                     letters.dead_row(row, exc, attempts, note=False)
             letters.check = iso.check
+            letters.client_found += len(iso.client)
     except BaseException:
         letters.undo(mark)
         raise
@@ -144,6 +146,12 @@ def _count(ranges: list[tuple[int, int]]) -> int:
 class Isolation:
     """Isolate the bad rows of a batch inside one sink transaction (``RowTransaction``).
 
+    C. **Client check** (when the transaction offers one, ``txn.prescreen``): the rows the
+       sink found bad on the client (rows the server would reject, e.g. a CHECK it can
+       evaluate exactly) are dead at once, without a statement. When the batch's failure
+       came from that check (``first.client_side``) or the check explains some of it, the
+       other rows are COPY'd first, in one statement, and the steps below run only if that
+       fails (they never see the rows found here).
     0. **Screen** (when the transaction offers one, ``txn.screen``): every row the sink
        would reject is found set-based at once (PostgreSQL: NOT NULL, CHECK, length,
        numeric overflow, unique keys in the batch and against the table, foreign keys),
@@ -199,6 +207,7 @@ class Isolation:
         self.skip: list[int] = []  # sorted rows not to write: excluded or dead
         self.excl: dict[int, tuple[PermanentSinkError, int]] = {}  # row -> (error, attempts)
         self.dead: dict[int, tuple[PermanentSinkError, int]] = {}
+        self.client: list[int] = []  # rows the client-side check found (dead from the start)
         self.kept = 0  # COPYs whose rows were kept
         # The breaker's check of the batch, counting excluded rows too (they are confirmed
         # before it trips); a copy: a rolled back isolation leaves the batch's check as it was.
@@ -208,6 +217,10 @@ class Isolation:
     def isolate(self, first: PermanentSinkError | None) -> None:
         """Steps 0-3 (the caller commits); raises ``GiveUp``. ``first``: the failure of the
         batch's plain write, or None when it was not tried (the screen goes first)."""
+        found = self._client_check(1 if first is None else 2)
+        if first is not None and (found or getattr(first, "client_side", False)):
+            # Nothing was sent, or the failure may be a row found here: COPY the rest first.
+            first, self.screen_first = None, False
         if first is None and not self.screen_first:
             first = self._copy_all()  # as the plain write would, but inside the transaction
             if first is None:
@@ -222,10 +235,32 @@ class Isolation:
         self._in_order(seed)
         self._confirm_excluded()
 
+    def _client_check(self, attempts: int) -> int:
+        """Step C: the rows the client-side check found are dead (the breaker counts
+        them), with ``attempts`` as the screen counts them. Returns how many."""
+        fn = getattr(self.txn, "prescreen", None)  # a sink's own transaction may have none
+        found = fn() if callable(fn) else None
+        if not found:
+            return 0
+        for row in sorted(found):
+            self._kill(row, found[row], attempts)
+        self.client = sorted(found)
+        self.metrics.add("located", len(found))
+        return len(found)
+
+    def _reset(self) -> None:
+        """Forget what was found after step C."""
+        keep = set(self.client)
+        self.dead = {r: d for r, d in self.dead.items() if r in keep}
+        self.skip = list(self.client)
+
     def _copy_all(self) -> PermanentSinkError | None:
-        """COPY every row, kept; the failure, or None when they are in."""
+        """COPY every row not known bad, kept; the failure, or None when they are in."""
+        ranges = self._ranges(0, self.n)
+        if not ranges:
+            return None
         try:
-            self.txn.copy([(0, self.n)], keep=True)
+            self.txn.copy(ranges, keep=True)
         except PermanentSinkError as exc:
             self.metrics.add("sink_errors")
             return exc
@@ -245,7 +280,7 @@ class Isolation:
         keys = self.keys or (first is not None and first.sqlstate in KEY_STATES)
         attempts = 1 if first is None else 2
         while True:
-            found = screen([(0, self.n)], keys)
+            found = screen(self._ranges(0, self.n), keys)
             if found is None:
                 return False
             if not found and first is not None:
@@ -262,8 +297,7 @@ class Isolation:
                 # Something the screen did not judge failed: its results may depend on
                 # that row (a key it would have taken), so all of them are dropped.
                 self.metrics.add("sink_errors")
-                self.dead.clear()
-                self.skip.clear()
+                self._reset()
                 self.check = check
                 if not keys and exc.sqlstate in KEY_STATES:
                     keys = True
@@ -303,7 +337,7 @@ class Isolation:
         was not row-only, and the batch's first write had every row before it)."""
         txn, m = self.txn, self.metrics
         err, attempts = first, 1
-        ranges = [(0, self.n)]
+        ranges = self._ranges(0, self.n)
         while True:
             row = self._row(err, ranges)
             if row is None or not txn.row_only(err):

@@ -58,6 +58,8 @@ class Letters:
         self.produced: list[DeadLetter] = []
         self.dead_inputs: list[int] = []
         self.sink_states: set[str] = set()  # SQLSTATEs of the rows the sink rejected
+        # Rows among dead_inputs the sink's client-side check found (the server saw none).
+        self.client_found = 0
 
     def failed(self, exc: PermanentSinkError, start: int, stop: int) -> None:
         """Bookkeeping of a permanent write failure; raises without a DeadLetterPolicy."""

@@ -102,10 +102,16 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0
 
 
 class CountingSink(PostgresSink):
-    """A PostgresSink that counts its writes, row transactions and their COPYs."""
+    """A PostgresSink that counts its writes, row transactions and their COPYs.
 
-    def __init__(self, *args: Any, wrap: Any = None, **kwargs: Any) -> None:
+    ``client_check=False`` (the default here) leaves every rule to the server, so that
+    rows a client-side check would find still exercise the server-side isolation paths."""
+
+    def __init__(
+        self, *args: Any, wrap: Any = None, client_check: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._client_check = client_check
         self.writes = 0
         self.txns: list[Any] = []
         self.wrap = wrap  # optional proxy factory around each RowTransaction

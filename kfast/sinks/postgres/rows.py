@@ -50,6 +50,10 @@ class RowTransaction:
       kfast cannot encode). Nothing is written to the table: one COPY into a staging table.
     * ``write_screened(skip)``: the staged rows but ``skip`` into the table, in one
       ``INSERT ... SELECT`` (no COPY line: a failure has no row).
+    * ``prescreen()``: the rows of the batch the client-side check found bad (see
+      :mod:`kfast.sinks.postgres.prescreen`), with their errors, checked when the
+      transaction began under the table's lock; None when the table has no rule the client
+      can check. They are rows the server would reject: nothing needs to confirm them.
     * ``row_only(exc)``: True when ``exc`` is an error the blamed row raises on its own,
       whatever else is written (see ``sqlstate.row_only_state``; never with user triggers).
     * ``commit()``: in exactly_once mode store the batch's ``next_offsets`` (the whole
@@ -76,6 +80,7 @@ class RowTransaction:
         store_offsets: Callable[[psycopg.Connection[Any]], None] | None,
         release: Callable[[], None],
         screener: Callable[[], Screener | None] | None = None,
+        prescreened: dict[int, PermanentSinkError] | None = None,
     ) -> None:
         self._conns = conns
         self._slot = slot
@@ -87,6 +92,7 @@ class RowTransaction:
         self._store = store_offsets
         self._release = release
         self._make_screener = screener  # called at the first screen (SELECTs only)
+        self._prescreened = prescreened
         self._screener: Screener | None = None
         self._staged = False  # screened rows staged inside the open savepoint
         self._empty = False  # the last screen had no row to stage
@@ -113,6 +119,9 @@ class RowTransaction:
                 self._conns.rollback(self._slot)
         finally:
             self._release()
+
+    def prescreen(self) -> dict[int, PermanentSinkError] | None:
+        return None if self._prescreened is None else dict(self._prescreened)
 
     def row_only(self, exc: PermanentSinkError) -> bool:
         if isinstance(exc.__cause__, EncodeError):

@@ -30,13 +30,14 @@ import psycopg.errors
 from psycopg import sql
 
 from kfast.errors import PermanentSinkError
-from kfast.sinks.postgres.sqlstate import classify
 
 __all__ = [
     "SCREEN_TABLE",
+    "VERSION_SQL",
     "Rules",
     "Screener",
     "read_rules",
+    "row_error",
     "rules_version",
     "screen_sql",
     "screened_rows",
@@ -44,6 +45,16 @@ __all__ = [
 
 SCREEN_TABLE = "kfast_screen"
 SEQ = "_kfast_seq"
+# The catalog version of table ``c`` (see :func:`rules_version`): an expression over pg_class c.
+VERSION_SQL = (
+    "c.xmin::text || '/' || "
+    "COALESCE((SELECT string_agg(x.xmin::text, ',' ORDER BY x.oid) FROM pg_constraint x "
+    "WHERE x.conrelid = c.oid), '') || '/' || "
+    "COALESCE((SELECT string_agg(i.xmin::text, ',' ORDER BY i.indexrelid) FROM pg_index i "
+    "WHERE i.indrelid = c.oid), '') || '/' || "
+    "COALESCE((SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum) FROM pg_attribute a "
+    "WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
+)
 
 
 @dataclass
@@ -92,7 +103,9 @@ class Rules:
 
 def read_rules(conn: psycopg.Connection[Any], oid: int, written: Sequence[str]) -> Rules | None:
     """The rules of table ``oid`` for the ``written`` columns; None when the table is not
-    one the screen can judge (partitioned, typmods on arrays, ...)."""
+    one the screen can judge (partitioned, typmods on arrays, ...). Float constants of the
+    CHECK expressions are printed exactly (shortest round-trip form)."""
+    conn.execute("SET LOCAL extra_float_digits = 3")
     row = conn.execute(
         "SELECT %s::oid::regclass::text, c.relname, c.relkind FROM pg_class c WHERE c.oid = %s",
         (oid, oid),
@@ -172,14 +185,7 @@ def rules_version(conn: psycopg.Connection[Any], oid: int) -> str | None:
     """Changes whenever the table's columns, constraints or indexes change (the catalog
     rows' transaction ids): one cheap query instead of reading the rules again."""
     row = conn.execute(
-        "SELECT c.xmin::text || '/' || "
-        "COALESCE((SELECT string_agg(x.xmin::text, ',' ORDER BY x.oid) FROM pg_constraint x "
-        "WHERE x.conrelid = c.oid), '') || '/' || "
-        "COALESCE((SELECT string_agg(i.xmin::text, ',' ORDER BY i.indexrelid) FROM pg_index i "
-        "WHERE i.indrelid = c.oid), '') || '/' || "
-        "COALESCE((SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum) FROM pg_attribute a "
-        "WHERE a.attrelid = c.oid AND a.attnum > 0), '') FROM pg_class c WHERE c.oid = %s",
-        (oid,),
+        "SELECT " + VERSION_SQL + " FROM pg_class c WHERE c.oid = %s", (oid,)
     ).fetchone()
     return None if row is None else str(row[0])
 
@@ -248,8 +254,18 @@ def _typed(rules: Rules, ok: sql.Composable, names: set[str]) -> sql.Composed:
 
 
 def _error(rules: Rules, state: str, what: str) -> PermanentSinkError:
-    """The error PostgreSQL would have raised for the row (its class and SQLSTATE)."""
-    rel = rules.relname
+    return row_error(rules.relname, state, what)
+
+
+def row_error(
+    rel: str,
+    state: str,
+    what: str,
+    how: str = "kfast's set-based check",
+    cls: type[PermanentSinkError] = PermanentSinkError,
+) -> PermanentSinkError:
+    """The error PostgreSQL would have raised for the row (its class, SQLSTATE and message;
+    the driver's error class is the cause, as for a row the server rejected)."""
     msg = {
         "22001": f"value too long for column {what!r} of relation {rel!r}",
         "22003": f"numeric field overflow in column {what!r} of relation {rel!r}",
@@ -258,9 +274,9 @@ def _error(rules: Rules, state: str, what: str) -> PermanentSinkError:
         "23503": f'insert or update on table "{rel}" violates foreign key constraint "{what}"',
         "23505": f'duplicate key value violates unique constraint "{what}"',
     }[state]
-    cause = psycopg.errors.lookup(state)(msg + " (found by kfast's set-based check)")
-    err = classify(cause)
-    assert isinstance(err, PermanentSinkError)
+    cause = psycopg.errors.lookup(state)(f"{msg} (found by {how})")
+    err = cls(f"{type(cause).__name__}: {str(cause).strip()}", sqlstate=state)
+    err.__cause__ = cause
     return err
 
 

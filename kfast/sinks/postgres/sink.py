@@ -49,6 +49,8 @@ from kfast.sinks.postgres.connection import Connections
 from kfast.sinks.postgres.copy import CopyTiming, copy_rows, copy_sql, encode_error, pre_encode
 from kfast.sinks.postgres.exactly_once import fence, read_offsets, store_offsets
 from kfast.sinks.postgres.plan import Plan, build_plan, table_definition
+from kfast.sinks.postgres.prescreen import PreScreen, table_state
+from kfast.sinks.postgres.prescreen import build as build_prescreen
 from kfast.sinks.postgres.rows import RowTransaction
 from kfast.sinks.postgres.screen import (
     SCREEN_TABLE,
@@ -83,6 +85,9 @@ class PostgresSink(Sink):
     # copy mode, one connection: the batch's COPY in autocommit (False: inside BEGIN/COMMIT,
     # for A/B benchmarks).
     _copy_autocommit = True
+    # Check the rows on the client before COPY where the table's rules allow it (False: leave
+    # every rule to the server, for tests of the server-side isolation and A/B benchmarks).
+    _client_check = True
 
     def __init__(
         self,
@@ -156,6 +161,9 @@ class PostgresSink(Sink):
         self._rules: tuple[str | None, Rules | None] | None = None
         # The plan's encoder for the screening table (False: the layout has none).
         self._screen_encoder: CopyEncoder | bool | None = None
+        # The client-side check of the plan (copy and exactly_once without key) and the
+        # catalog version it was built at; None: not built yet.
+        self._client: tuple[str | None, PreScreen | None] | None = None
         self.fenced_rows = 0  # exactly_once: rows skipped because their offset was already stored
 
     @property
@@ -261,6 +269,7 @@ class PostgresSink(Sink):
         self._conns.screen_tables.clear()
         self._screen_encoder = None
         self._rules = None
+        self._client = None
         return plan
 
     # ------------------------------------------------------------ writes
@@ -269,6 +278,7 @@ class PostgresSink(Sink):
         """Write every row of ``batch``; durable (committed) when it returns."""
         with self._lock:
             plan = self._ensure_plan(batch)
+            self._check_rows(batch, plan)
             pre = pre_encode(batch, plan)
             if self.connections > 1 and batch.num_rows >= 2 * self.connections:
                 self._write_parallel(batch, plan, pre)
@@ -303,6 +313,60 @@ class PostgresSink(Sink):
             except (SinkError, ConfigError):
                 self._conns.fail(0, RuntimeError("aborted"))
                 raise
+
+    def _check_rows(self, batch: Batch, plan: Plan) -> None:
+        """Raise the error of the first row the client-side check finds bad (see
+        :mod:`.prescreen`) before anything is sent: the delivery layer then writes the
+        other rows in one row transaction, which checks them again under the table's lock
+        with the current rules."""
+        if not self._client_checks() or batch.num_rows == 0:
+            return
+        if self._client is None:
+            conn = self._conns.get(0)
+            try:
+                triggers, version = table_state(conn, self._table_ident_(), self._table_oid())
+                self._client = (version, None if triggers else self._build_client(conn, plan))
+                conn.commit()
+            except psycopg.Error as exc:
+                raise self._conns.fail(0, exc) from exc
+        client = self._client[1]
+        if client is None:
+            return
+        found = client.run(batch)
+        if found:
+            raise found[min(found)]
+
+    def _client_checks(self) -> bool:
+        return (
+            self._client_check
+            and self.mode != "upsert"
+            and not self.key
+            and self._table is not None
+        )
+
+    def _table_ident_(self) -> sql.Composable:
+        assert self._table_ident is not None
+        return self._table_ident
+
+    def _table_oid(self) -> int:
+        assert self._table is not None
+        return self._table.oid
+
+    def _build_client(self, conn: psycopg.Connection[Any], plan: Plan) -> PreScreen | None:
+        """The client-side check of ``plan`` for the table's current rules (None: nothing
+        to check, or a table the rules cannot be read for)."""
+        assert self._table is not None
+        rules = self._read_rules(conn, plan)
+        if rules is None:
+            return None
+        utf8 = all(
+            conn.pgconn.parameter_status(p) == b"UTF8"
+            for p in (b"server_encoding", b"client_encoding")
+        )
+        try:
+            return build_prescreen(plan, rules, self._table.columns, utf8)
+        except ValueError:  # a layout the program cannot read: the server judges
+            return None
 
     def _copy_stmt(self, plan: Plan) -> sql.Composed:
         assert self._table_ident is not None
@@ -467,13 +531,28 @@ class PostgresSink(Sink):
             conn = self._conns.get(0)
             try:
                 probe = self._ensure_probe_table(conn)
-                triggers = catalog.has_user_triggers(
-                    conn, self._table.oid if self._table is not None else None
-                )
-                screen = None if triggers else self._screen_fn(conn, batch, plan, pre)
+                screen = self._screen_fn(conn, batch, plan, pre)  # its DDL commits
+                if self._table is None:
+                    triggers, version = True, None
+                else:
+                    triggers, version = table_state(conn, self._table.ident, self._table.oid)
+                client: PreScreen | None = None
+                if triggers:
+                    screen = None  # a trigger may change a row before its constraints
+                elif self._client_checks():
+                    if self._client is None or self._client[0] != version:
+                        self._client = (version, self._build_client(conn, plan))
+                    client = self._client[1]
                 allowed = self._fence(conn, batch) if self.mode == "exactly_once" else None
             except psycopg.Error as exc:
                 raise self._conns.fail(0, exc) from exc
+            # The rows the server would reject for what the client can check, among the
+            # rows to write (in exactly_once mode, those not stored yet).
+            found = (
+                client.run(batch, allowed if allowed is not None else [(0, batch.num_rows)])
+                if client is not None
+                else None
+            )
             stmt = self._copy_stmt(plan)
 
             def copy(
@@ -498,6 +577,7 @@ class PostgresSink(Sink):
                 store_offsets=store if self.mode == "exactly_once" else None,
                 release=self._lock.release,
                 screener=screen,
+                prescreened=found,
             )
         except BaseException:
             self._lock.release()
