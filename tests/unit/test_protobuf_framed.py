@@ -22,6 +22,7 @@ from test_protobuf_fuzz import mutate
 import kfast
 from kfast._batch import BaseDecoder
 from kfast.confluent import ConfluentProtobufDecoder, message_path
+from kfast.confluent.registry import SchemaStore
 from kfast.protobuf import ProtobufDecoder
 from kfast.protobuf._decoder import FramedProtobufDecoder
 from kfast.runtime.ring import Ring
@@ -139,7 +140,9 @@ def test_every_path_equals_the_plain_decoder(cls: Any) -> None:
             return ConfluentProtobufDecoder(protobuf_classes={7: cls, 8: cls})
 
         def confluent() -> kfast.ConfluentDecoder:
-            return kfast.ConfluentDecoder(_NoRegistry(), protobuf_classes={7: cls, 8: cls})
+            # unknown ids are confirmed without the production pause between asks
+            store = SchemaStore(_NoRegistry(), not_found_wait=0.0)
+            return kfast.ConfluentDecoder(store, protobuf_classes={7: cls, 8: cls})
 
         want = reference(cls, values, heads, make())
         assert result(make().decode(values)) == want
