@@ -588,9 +588,11 @@ class PreScreen:
         for a, b in ranges if ranges is not None else [(0, batch.num_rows)]:
             for row, rule in self.program.run(batch, a, b):
                 state, what = self.rules[rule]
-                out[row] = row_error(
+                err = row_error(
                     self.relname, state, what, "kfast's client-side check", ClientCheckError
                 )
+                err.row = row  # the locator, as a COPY line would give it
+                out[row] = err
         return out
 
 
