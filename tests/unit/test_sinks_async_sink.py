@@ -192,6 +192,12 @@ def test_host_loop_stopping_under_a_write_is_not_bad_data() -> None:
     assert not t.is_alive()
     # a ConfigError stops the pipeline without committing (never a dead letter)
     assert len(errors) == 1 and isinstance(errors[0], ConfigError)
+    # the host's own cleanup: the write it abandoned is still pending on its loop
+    pending = asyncio.all_tasks(loop)
+    assert len(pending) == 1
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
