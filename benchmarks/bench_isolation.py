@@ -8,10 +8,12 @@ Each round writes, into fresh copies of the order table (PK, NOT NULL, CHECK (qu
 * ``dup``: K rows whose primary key is already in the table (unique violations);
 * ``clean_after_check``: a clean batch right after a batch with CHECK violations;
 
-in two variants, interleaved: ``screen`` (the sink as shipped: set-based screen of the bad
-rows, and after a bad batch the next one screened before any plain write) and ``probes``
-(the same sink with the screen hidden: isolation by probes and COPY-line locators, each
-batch written plainly first), through ``kfast.delivery.Delivery`` with a DeadLetterPolicy whose producer is replaced by an
+in three variants, interleaved: ``client`` (the sink as shipped: the rows whose NOT NULL or
+CHECK the client can evaluate are found before any COPY, the rest written by one COPY; the
+server's screen for what it cannot judge), ``screen`` (no client check: set-based screen of
+the bad rows, and after a bad batch the next one screened before any plain write) and
+``probes`` (no client check and the screen hidden: isolation by probes and COPY-line
+locators, each batch written plainly first), through ``kfast.delivery.Delivery`` with a DeadLetterPolicy whose producer is replaced by an
 in-memory queue (this measures the sink side; the DLQ producer overlaps with the writes).
 Each timed batch follows one untimed batch of the same kind through the same sink (steady
 state: connections, plans and temp tables made, the sink knows the last batch had bad rows).
@@ -119,8 +121,9 @@ class _ProbeSink(PostgresSink):
 
 
 def run_case(
-    dsn: str, case: str, n: int, k: int, table: str, screen: bool = True, mode: str = "copy"
+    dsn: str, case: str, n: int, k: int, table: str, variant: str = "client", mode: str = "copy"
 ) -> tuple[float, float, int]:
+    screen = variant != "probes"
     warm = "check" if case == "clean_after_check" else case
     timed = "clean" if case == "clean_after_check" else case
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -136,6 +139,7 @@ def run_case(
                 )
         c.execute(f"VACUUM ANALYZE {table}")
     sink = (PostgresSink if screen else _ProbeSink)(dsn, table, mode=mode)
+    sink._client_check = variant == "client"
     d = Delivery(
         sink,
         RetryPolicy(),
@@ -161,21 +165,19 @@ def run_case(
 
 
 def bench(dsn: str, n: int, k: int, rounds: int, mode: str = "copy") -> dict[str, Any]:
-    variants = ("probes", "screen")
+    variants = ("probes", "screen", "client")
     wall: dict[str, list[float]] = {f"{v}/{c}": [] for v in variants for c in CASES}
     cpu: dict[str, list[float]] = {key: [] for key in wall}
     for _ in range(rounds):
         for case in CASES:
             for v in variants:
-                w, c, _dead = run_case(
-                    dsn, case, n, k, f"iso_{case}", screen=v == "screen", mode=mode
-                )
+                w, c, _dead = run_case(dsn, case, n, k, f"iso_{case}", variant=v, mode=mode)
                 wall[f"{v}/{case}"].append(w)
                 cpu[f"{v}/{case}"].append(c)
     med = {key: statistics.median(v) for key, v in wall.items()}
     medc = {key: statistics.median(v) for key, v in cpu.items()}
-    clean = statistics.median(wall["probes/clean"] + wall["screen/clean"])
-    clean_cpu = statistics.median(cpu["probes/clean"] + cpu["screen/clean"])
+    clean = statistics.median([x for v in variants for x in wall[f"{v}/clean"]])
+    clean_cpu = statistics.median([x for v in variants for x in cpu[f"{v}/clean"]])
     return {
         "mode": mode,
         "rows": n,
