@@ -48,6 +48,7 @@ class TableInfo:
     oid: int
     ident: sql.Identifier  # schema-qualified
     columns: dict[str, TableColumn]
+    kind: str = "r"  # pg_class.relkind: "r" table, "p" partitioned, "f" foreign, "v" view
 
 
 def offsets_ident(name: str) -> sql.Identifier:
@@ -57,13 +58,13 @@ def offsets_ident(name: str) -> sql.Identifier:
 def introspect(conn: psycopg.Connection[Any], table: str) -> TableInfo | None:
     """The table's columns (names, types, NOT NULL, defaults); None when it does not exist."""
     row = conn.execute(
-        "SELECT c.oid, n.nspname, c.relname FROM pg_class c "
+        "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
         (table,),
     ).fetchone()
     if row is None:
         return None
-    oid, nsp, rel = row
+    oid, nsp, rel, kind = row
     rows = conn.execute(
         "SELECT a.attname, t.typname, et.typname, COALESCE(et.oid, 0), a.attnotnull, "
         "a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', "
@@ -79,7 +80,7 @@ def introspect(conn: psycopg.Connection[Any], table: str) -> TableInfo | None:
         if typtype == "d" and basetyp:  # a domain: encode as its base type
             typ = basetyp
         cols[name] = TableColumn(name, typ, etyp, int(eoid), bool(notnull), bool(hasdef), display)
-    return TableInfo(int(oid), sql.Identifier(nsp, rel), cols)
+    return TableInfo(int(oid), sql.Identifier(nsp, rel), cols, str(kind))
 
 
 def create_table(

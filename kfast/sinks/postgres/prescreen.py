@@ -664,21 +664,28 @@ def build(
 
 
 def table_state(
-    conn: psycopg.Connection[Any], ident: sql.Composable, oid: int
+    conn: psycopg.Connection[Any], ident: sql.Composable, oid: int, lock: bool = True
 ) -> tuple[bool, str | None]:
     """(the table has user triggers, its rules' catalog version), read under the lock
-    the rows' COPY takes anyway (ROW EXCLUSIVE): no ALTER TABLE can change the rules between
-    this read and the end of the transaction. One round trip."""
+    the rows' COPY takes anyway (ROW EXCLUSIVE; ``lock=False`` for relations LOCK does not
+    take, e.g. foreign tables, which get no client check): no ALTER TABLE can change the
+    rules between this read and the end of the transaction. One round trip."""
     query = sql.SQL(
-        "LOCK TABLE {t} IN ROW EXCLUSIVE MODE; "
-        "SELECT EXISTS (WITH RECURSIVE tree(oid) AS (SELECT c.oid UNION ALL "
+        "{lock}SELECT EXISTS (WITH RECURSIVE tree(oid) AS (SELECT c.oid UNION ALL "
         "SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid) "
         "SELECT 1 FROM pg_trigger tg JOIN tree ON tg.tgrelid = tree.oid "
         "WHERE NOT tg.tgisinternal), {v} FROM pg_class c WHERE c.oid = {oid}"
-    ).format(t=ident, v=sql.SQL(VERSION_SQL), oid=sql.Literal(oid))
+    ).format(
+        lock=sql.SQL("LOCK TABLE ONLY {} IN ROW EXCLUSIVE MODE; ").format(ident)
+        if lock
+        else sql.SQL(""),
+        v=sql.SQL(VERSION_SQL),
+        oid=sql.Literal(oid),
+    )
     with conn.cursor() as cur:
         cur.execute(query)
-        cur.nextset()
+        if lock:
+            cur.nextset()
         row = cur.fetchone()
     if row is None:
         return True, None

@@ -324,7 +324,10 @@ class PostgresSink(Sink):
         if self._client is None:
             conn = self._conns.get(0)
             try:
-                triggers, version = table_state(conn, self._table_ident_(), self._table_oid())
+                assert self._table is not None
+                triggers, version = table_state(
+                    conn, self._table.ident, self._table.oid, self._table.kind == "r"
+                )
                 self._client = (version, None if triggers else self._build_client(conn, plan))
                 conn.commit()
             except psycopg.Error as exc:
@@ -332,7 +335,11 @@ class PostgresSink(Sink):
         client = self._client[1]
         if client is None:
             return
-        found = client.run(batch)
+        try:
+            found = client.run(batch)
+        except ValueError:  # the program does not match this batch: the server judges
+            self._client = (self._client[0], None)
+            return
         if found:
             raise found[min(found)]
 
@@ -343,14 +350,6 @@ class PostgresSink(Sink):
             and not self.key
             and self._table is not None
         )
-
-    def _table_ident_(self) -> sql.Composable:
-        assert self._table_ident is not None
-        return self._table_ident
-
-    def _table_oid(self) -> int:
-        assert self._table is not None
-        return self._table.oid
 
     def _build_client(self, conn: psycopg.Connection[Any], plan: Plan) -> PreScreen | None:
         """The client-side check of ``plan`` for the table's current rules (None: nothing
@@ -535,7 +534,9 @@ class PostgresSink(Sink):
                 if self._table is None:
                     triggers, version = True, None
                 else:
-                    triggers, version = table_state(conn, self._table.ident, self._table.oid)
+                    triggers, version = table_state(
+                        conn, self._table.ident, self._table.oid, self._table.kind == "r"
+                    )
                 client: PreScreen | None = None
                 if triggers:
                     screen = None  # a trigger may change a row before its constraints
@@ -548,11 +549,14 @@ class PostgresSink(Sink):
                 raise self._conns.fail(0, exc) from exc
             # The rows the server would reject for what the client can check, among the
             # rows to write (in exactly_once mode, those not stored yet).
-            found = (
-                client.run(batch, allowed if allowed is not None else [(0, batch.num_rows)])
-                if client is not None
-                else None
-            )
+            found = None
+            if client is not None:
+                try:
+                    found = client.run(
+                        batch, allowed if allowed is not None else [(0, batch.num_rows)]
+                    )
+                except ValueError:  # the program does not match this batch
+                    self._client = (self._client[0] if self._client else None, None)
             stmt = self._copy_stmt(plan)
 
             def copy(
