@@ -106,10 +106,18 @@ def _isolate_once(
     if txn is None:
         return None
     mark = letters.mark()
+
+    def early(found: dict[int, tuple[PermanentSinkError, int]]) -> None:
+        # Certain dead letters: on their way while the rows are written (one produce
+        # request with the batch's others, acknowledged by the time the batch commits).
+        for row in sorted(found):
+            letters.dead_row_early(row, *found[row])
+        letters.produce()
+
     try:
         with txn:
             iso = Isolation(
-                txn, n, batch.source_indices, letters.check, metrics, keys, screen_first
+                txn, n, batch.source_indices, letters.check, metrics, keys, screen_first, early
             )
             try:
                 iso.isolate(first)
@@ -148,7 +156,10 @@ class Isolation:
 
     C. **Client check** (when the transaction offers one, ``txn.prescreen``): the rows the
        sink found bad on the client (rows the server would reject, e.g. a CHECK it can
-       evaluate exactly) are dead at once, without a statement. When the batch's failure
+       evaluate exactly) are dead at once, without a statement; their dead letters are
+       handed to the DLQ producer right away (``early``: certain, they travel while the rows
+       are written, and a retried or rolled back isolation does not build them again).
+       When the batch's failure
        came from that check (``first.client_side``) or the check explains some of it, the
        other rows are COPY'd first, in one statement, and the steps below run only if that
        fails (they never see the rows found here).
@@ -197,8 +208,10 @@ class Isolation:
         metrics: DeliveryMetrics,
         keys: bool = False,
         screen_first: bool = True,
+        early: Callable[[dict[int, tuple[PermanentSinkError, int]]], None] | None = None,
     ) -> None:
         self.txn = txn
+        self.early = early  # called with the rows of step C (dead letters built at once)
         self.keys = keys  # screen the key rules from the start
         # With no failure seen yet: screen before writing (else COPY first, screen on failure)
         self.screen_first = screen_first
@@ -245,6 +258,8 @@ class Isolation:
         for row in sorted(found):
             self._kill(row, found[row], attempts)
         self.client = sorted(found)
+        if self.early is not None:
+            self.early({row: self.dead[row] for row in self.client})
         self.metrics.add("located", len(found))
         return len(found)
 

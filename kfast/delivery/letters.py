@@ -60,6 +60,12 @@ class Letters:
         self.sink_states: set[str] = set()  # SQLSTATEs of the rows the sink rejected
         # Rows among dead_inputs the sink's client-side check found (the server saw none).
         self.client_found = 0
+        # Batch rows whose letters were handed to the producer before their transaction
+        # committed (certain: found by the sink's client-side check), and their inputs: a
+        # rolled back or retried isolation does not build them again.
+        self.early_rows: set[int] = set()
+        self.early_inputs: set[int] = set()
+        self.deaths = 0  # dead_row calls (a row declared dead, lettered now or before)
 
     def failed(self, exc: PermanentSinkError, start: int, stop: int) -> None:
         """Bookkeeping of a permanent write failure; raises without a DeadLetterPolicy."""
@@ -144,15 +150,32 @@ class Letters:
         self.dead_inputs.append(index)
 
     def dead_row(self, row: int, exc: PermanentSinkError, attempts: int, note: bool = True) -> None:
-        """The dead letter of batch row ``row`` (stage ``sink``)."""
+        """The dead letter of batch row ``row`` (stage ``sink``); nothing when it was built
+        early (:meth:`dead_row_early`)."""
+        self.deaths += 1
+        if row in self.early_rows:
+            return
         src = memoryview(self.batch.source_indices)[row]
         if exc.sqlstate:
             self.sink_states.add(exc.sqlstate)
         self.dead(src, "sink", error_class(exc), str(exc), attempts, exc.sqlstate, note)
 
+    def dead_row_early(self, row: int, exc: PermanentSinkError, attempts: int) -> None:
+        """The dead letter of a row certain to be bad, built before its transaction commits
+        (the caller produces it at once, so that it travels while the rows are written);
+        once per batch row, whatever is rolled back or retried."""
+        if row in self.early_rows:
+            return
+        self.dead_row(row, exc, attempts, note=False)
+        self.early_rows.add(row)
+        self.early_inputs.add(self.dead_inputs[-1])
+
     def mark(self) -> tuple[int, int]:
         return len(self.pending), len(self.dead_inputs)
 
     def undo(self, mark: tuple[int, int]) -> None:
-        """Forget the letters built since ``mark`` (a rolled back transaction)."""
-        del self.pending[mark[0] :], self.dead_inputs[mark[1] :]
+        """Forget the letters built since ``mark`` (a rolled back transaction), but those
+        built early (already produced: their rows stay dead)."""
+        del self.pending[mark[0] :]
+        kept = [i for i in self.dead_inputs[mark[1] :] if i in self.early_inputs]
+        self.dead_inputs[mark[1] :] = kept

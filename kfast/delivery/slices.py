@@ -117,8 +117,8 @@ class Slices:
             if bad > start:
                 # Accepted by the server before the failure: one write; bisected if it fails.
                 self.write_range(start, bad, attempts, False)
-            dead_before = len(letters.dead_inputs)
+            dead_before = letters.deaths
             self.write_range(bad, bad + 1, attempts, False)  # confirm the located row alone
-            if len(letters.dead_inputs) == dead_before:
+            if letters.deaths == dead_before:
                 self.hints = False  # it was fine alone: stop trusting locators for this batch
             start, attempts_before = bad + 1, attempts

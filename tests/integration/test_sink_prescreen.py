@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from _sink_helpers import CapturingQueue, avro_payloads, make_batch
+from _sink_helpers import CapturingQueue, CountingSink, TxnProxy, avro_payloads, make_batch
 
 from kfast.delivery import Delivery
 from kfast.dlq import DeadLetterPolicy
@@ -221,6 +221,14 @@ def test_a_batch_with_violations_is_one_copy(pg_dsn: str, mode: str) -> None:
     sink = PostgresSink(pg_dsn, t, mode=mode)
     sink._timing = CopyTiming()
     d, q = _delivery(sink)
+    produced_at_copy: list[int] = []
+    copy_ranges = sink._copy_ranges
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        produced_at_copy.append(len(q.records))
+        copy_ranges(*args, **kwargs)
+
+    sink._copy_ranges = spy  # type: ignore[method-assign]
     n, bad = 500, {0, 17, 18, 250, 499}
     for k, base in enumerate((0, 1000)):
         payloads = avro_payloads(SCHEMA, _simple_rows(n, bad, base))
@@ -229,6 +237,8 @@ def test_a_batch_with_violations_is_one_copy(pg_dsn: str, mode: str) -> None:
         d.deliver(batch, threading.Event())
         assert sink._timing.copies == k + 1  # one COPY per batch, nothing else written
         assert d.dirty is False  # the server found nothing: the next batch is not screened
+        # The bad rows' dead letters were on their way before the COPY, with the decode one.
+        assert produced_at_copy[k] == (k + 1) * (len(bad) + 1)
     want = [b + i for b in (0, 1000) for i in range(n) if i not in bad and i != 100]
     assert _ids(pg_dsn, t) == want
     dead = {int(dict(r.headers)["kfast.original.offset"]): dict(r.headers) for r in q.records}
@@ -313,3 +323,31 @@ def test_floats_round_trip_through_the_catalog(pg_dsn: str) -> None:
             assert cur.fetchone() == ("0",)  # the session printed floats with 15 digits
     finally:
         sink.close()
+
+
+def test_a_lost_transaction_does_not_dead_letter_twice(pg_dsn: str) -> None:
+    """The dead letters of the rows found on the client are produced before the COPY; the
+    connection is then killed, the isolation starts over, and each is produced once."""
+    t = "pre_lost"
+    _setup(pg_dsn, t)
+    killed: list[int] = []
+
+    class KillOnce(TxnProxy):
+        def copy(self, ranges: Any, keep: bool) -> Any:
+            if not killed:
+                pid = self.txn._conn.info.backend_pid
+                with psycopg.connect(pg_dsn, autocommit=True) as c:
+                    c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                killed.append(pid)
+            return self.txn.copy(ranges, keep)
+
+    sink = CountingSink(pg_dsn, t, wrap=KillOnce, client_check=True)
+    d, q = _delivery(sink)
+    bad = {3, 30, 31}
+    d.deliver(make_batch(SCHEMA, avro_payloads(SCHEMA, _simple_rows(50, bad))), threading.Event())
+    assert killed and len(sink.txns) == 2 and d.metrics.snapshot()["retries"] == 1
+    offsets = sorted(int(dict(r.headers)["kfast.original.offset"]) for r in q.records)
+    assert offsets == sorted(bad)
+    assert _ids(pg_dsn, t) == [i for i in range(50) if i not in bad]
+    assert d.dirty is False
+    sink.close()
