@@ -153,9 +153,14 @@ class Letters:
         """The dead letter of batch row ``row`` (stage ``sink``); nothing when it was built
         early (:meth:`dead_row_early`)."""
         self.deaths += 1
-        if row in self.early_rows:
-            return
         src = memoryview(self.batch.source_indices)[row]
+        if row in self.early_rows:
+            # Built already; the breaker's check may not have seen it (a rolled back
+            # isolation's check is dropped).
+            if note and self.check is not None and self.check.add(src):
+                assert self.check.error is not None
+                raise self.check.error
+            return
         if exc.sqlstate:
             self.sink_states.add(exc.sqlstate)
         self.dead(src, "sink", error_class(exc), str(exc), attempts, exc.sqlstate, note)
