@@ -101,6 +101,11 @@ class Delivery:
         self.dirty = False  # the last batch had rows the sink rejected
         self.dirty_keys = False  # ... and some of them broke a unique or foreign key
 
+    def start(self) -> None:
+        """Make the dead-letter producer ready before the first batch (see DeadLetterQueue)."""
+        if self.queue is not None:
+            self.queue.start()
+
     def deliver(self, batch: Batch, stop_event: threading.Event) -> None:
         _Run(self, batch, stop_event).go()
 

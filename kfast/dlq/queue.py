@@ -54,6 +54,13 @@ class DeadLetterQueue:
         self.retries = 0
         self._throttle = Throttle()
 
+    def start(self) -> None:
+        """Create the producer now rather than at the first dead letter: it connects and gets
+        its producer id while the consumer joins its group, instead of holding up the first
+        batch with bad rows (a cold producer's first delivery took ~1 s here), and a bad
+        ``DeadLetterPolicy.producer`` setting fails the start, not a batch."""
+        self._get_producer()
+
     def _get_producer(self) -> Any:
         if self._producer is None:
             from confluent_kafka import Producer

@@ -473,6 +473,7 @@ class Pipeline:
         self._delivery = Delivery(
             self.sink, self._retry_policy, self.dlq, kafka, self._delivery_metrics, retrier=retrier
         )
+        self._delivery.start()
         decode = DecodeLoop(
             self._ring,
             self.decoder,

@@ -333,3 +333,23 @@ def test_dlq_outage_logs_through_python_logging_not_stderr(
     assert capfd.readouterr().err == ""
     names = {r.name for r in caplog.records}
     assert "kfast.kafka" in names or "kfast.dlq" in names
+
+
+def test_queue_start_makes_the_producer_before_any_dead_letter() -> None:
+    from kfast.dlq.queue import DeadLetterQueue
+    from kfast.retry import RetryPolicy
+
+    q = DeadLetterQueue(DeadLetterPolicy("d"), {"bootstrap.servers": "127.0.0.1:9"}, RetryPolicy())
+    assert q._producer is None
+    q.start()
+    assert q._producer is not None
+    q.close()
+    assert q._producer is None
+    # a setting librdkafka refuses fails the start, not the first batch with bad rows
+    bad = DeadLetterQueue(
+        DeadLetterPolicy("d", producer={"no.such.setting": "1"}),
+        {"bootstrap.servers": "127.0.0.1:9"},
+        RetryPolicy(),
+    )
+    with pytest.raises(ConfigError, match="DeadLetterPolicy.producer"):
+        bad.start()
