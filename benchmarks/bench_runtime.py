@@ -423,9 +423,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     labels = {
         "raw": "raw consume()\n(defaults)",
         "raw_tuned": "raw consume()\n(tuned)",
-        "kfast_confluent": "kfast Pipeline\nsource=confluent",
-        "kfast_compiled": "kfast Pipeline\nsource=compiled",
-        "librdkafka_floor": "librdkafka alone\n(consume + free in C)",
+        "kfast_confluent": "kfast Pipeline\nsource=\nconfluent",
+        "kfast_compiled": "kfast Pipeline\nsource=\ncompiled",
+        "librdkafka_floor": "librdkafka\nalone (consume\n+ free in C)",
     }
     colors = {
         "raw": "#999999",
