@@ -1,4 +1,5 @@
-"""What the sink reads from and creates in ``pg_catalog``: the table's columns, and the DDL.
+"""What the sink reads from and creates in ``pg_catalog``: the table's columns, its triggers
+and catalog version, and the DDL.
 
 Every DDL statement here (the target table with ``create_table``, ``kfast_offsets``, the TEMP
 staging and probe tables) is run by the sink in its own transaction, before any data
@@ -23,9 +24,11 @@ __all__ = [
     "create_probe_table",
     "create_stage_table",
     "create_table",
-    "has_user_triggers",
     "introspect",
     "offsets_ident",
+    "rules_version",
+    "table_state",
+    "VERSION_SQL",
 ]
 
 PROBE_TABLE = "kfast_probe"
@@ -140,15 +143,51 @@ def create_probe_table(conn: psycopg.Connection[Any], table: sql.Composable) -> 
     )
 
 
-def has_user_triggers(conn: psycopg.Connection[Any], oid: int | None) -> bool:
-    """True when the table or one of its partitions has a trigger a user created."""
-    if oid is None:
-        return True  # unknown: assume the worst
+# The catalog version of table ``c`` (see :func:`rules_version`): an expression over pg_class c.
+VERSION_SQL = (
+    "c.xmin::text || '/' || "
+    "COALESCE((SELECT string_agg(x.xmin::text, ',' ORDER BY x.oid) FROM pg_constraint x "
+    "WHERE x.conrelid = c.oid), '') || '/' || "
+    "COALESCE((SELECT string_agg(i.xmin::text, ',' ORDER BY i.indexrelid) FROM pg_index i "
+    "WHERE i.indrelid = c.oid), '') || '/' || "
+    "COALESCE((SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum) FROM pg_attribute a "
+    "WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
+)
+
+
+def rules_version(conn: psycopg.Connection[Any], oid: int) -> str | None:
+    """Changes whenever the table's columns, constraints or indexes change (the catalog
+    rows' transaction ids): one cheap query instead of reading the rules again."""
     row = conn.execute(
-        "WITH RECURSIVE tree(oid) AS (SELECT %s::oid UNION ALL "
-        "SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid) "
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN tree ON t.tgrelid = tree.oid "
-        "WHERE NOT t.tgisinternal)",
-        (oid,),
+        "SELECT " + VERSION_SQL + " FROM pg_class c WHERE c.oid = %s", (oid,)
     ).fetchone()
-    return bool(row and row[0])
+    return None if row is None else str(row[0])
+
+
+def table_state(
+    conn: psycopg.Connection[Any], ident: sql.Composable, oid: int, lock: bool = True
+) -> tuple[bool, str | None]:
+    """(the table or one of its partitions has a trigger a user created, its rules' catalog
+    version), read under the lock the rows' COPY takes anyway (ROW EXCLUSIVE; ``lock=False``
+    for relations LOCK does not take, e.g. foreign tables): no ALTER TABLE can change the
+    rules between this read and the end of the transaction. One round trip."""
+    query = sql.SQL(
+        "{lock}SELECT EXISTS (WITH RECURSIVE tree(oid) AS (SELECT c.oid UNION ALL "
+        "SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid) "
+        "SELECT 1 FROM pg_trigger tg JOIN tree ON tg.tgrelid = tree.oid "
+        "WHERE NOT tg.tgisinternal), {v} FROM pg_class c WHERE c.oid = {oid}"
+    ).format(
+        lock=sql.SQL("LOCK TABLE ONLY {} IN ROW EXCLUSIVE MODE; ").format(ident)
+        if lock
+        else sql.SQL(""),
+        v=sql.SQL(VERSION_SQL),
+        oid=sql.Literal(oid),
+    )
+    with conn.cursor() as cur:
+        cur.execute(query)
+        if lock:
+            cur.nextset()
+        row = cur.fetchone()
+    if row is None:
+        return True, None
+    return bool(row[0]), None if row[1] is None else str(row[1])

@@ -31,13 +31,10 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
-
 from kfast.errors import PermanentSinkError
 from kfast.sinks._prescreen import Program, parse_double, parse_float
 from kfast.sinks.postgres.catalog import TableColumn
-from kfast.sinks.postgres.screen import VERSION_SQL, Rules, row_error
+from kfast.sinks.postgres.screen import Rules, row_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfast._batch import Batch
@@ -50,7 +47,6 @@ __all__ = [
     "build",
     "compile_check",
     "parse",
-    "table_state",
 ]
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -661,32 +657,3 @@ def build(
     if not tests:
         return None
     return PreScreen(Program(slots, tests), out_rules, rules.relname, checks, refused)
-
-
-def table_state(
-    conn: psycopg.Connection[Any], ident: sql.Composable, oid: int, lock: bool = True
-) -> tuple[bool, str | None]:
-    """(the table has user triggers, its rules' catalog version), read under the lock
-    the rows' COPY takes anyway (ROW EXCLUSIVE; ``lock=False`` for relations LOCK does not
-    take, e.g. foreign tables, which get no client check): no ALTER TABLE can change the
-    rules between this read and the end of the transaction. One round trip."""
-    query = sql.SQL(
-        "{lock}SELECT EXISTS (WITH RECURSIVE tree(oid) AS (SELECT c.oid UNION ALL "
-        "SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid) "
-        "SELECT 1 FROM pg_trigger tg JOIN tree ON tg.tgrelid = tree.oid "
-        "WHERE NOT tg.tgisinternal), {v} FROM pg_class c WHERE c.oid = {oid}"
-    ).format(
-        lock=sql.SQL("LOCK TABLE ONLY {} IN ROW EXCLUSIVE MODE; ").format(ident)
-        if lock
-        else sql.SQL(""),
-        v=sql.SQL(VERSION_SQL),
-        oid=sql.Literal(oid),
-    )
-    with conn.cursor() as cur:
-        cur.execute(query)
-        if lock:
-            cur.nextset()
-        row = cur.fetchone()
-    if row is None:
-        return True, None
-    return bool(row[0]), None if row[1] is None else str(row[1])

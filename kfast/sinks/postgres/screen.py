@@ -33,28 +33,16 @@ from kfast.errors import PermanentSinkError
 
 __all__ = [
     "SCREEN_TABLE",
-    "VERSION_SQL",
     "Rules",
     "Screener",
     "read_rules",
     "row_error",
-    "rules_version",
     "screen_sql",
     "screened_rows",
 ]
 
 SCREEN_TABLE = "kfast_screen"
 SEQ = "_kfast_seq"
-# The catalog version of table ``c`` (see :func:`rules_version`): an expression over pg_class c.
-VERSION_SQL = (
-    "c.xmin::text || '/' || "
-    "COALESCE((SELECT string_agg(x.xmin::text, ',' ORDER BY x.oid) FROM pg_constraint x "
-    "WHERE x.conrelid = c.oid), '') || '/' || "
-    "COALESCE((SELECT string_agg(i.xmin::text, ',' ORDER BY i.indexrelid) FROM pg_index i "
-    "WHERE i.indrelid = c.oid), '') || '/' || "
-    "COALESCE((SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum) FROM pg_attribute a "
-    "WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
-)
 
 
 @dataclass
@@ -179,15 +167,6 @@ def read_rules(conn: psycopg.Connection[Any], oid: int, written: Sequence[str]) 
         if set(keys) <= wset and match in ("s", "f"):
             rules.fks.append(_ForeignKey(name, list(keys), parent, list(pkeys), match == "f"))
     return rules
-
-
-def rules_version(conn: psycopg.Connection[Any], oid: int) -> str | None:
-    """Changes whenever the table's columns, constraints or indexes change (the catalog
-    rows' transaction ids): one cheap query instead of reading the rules again."""
-    row = conn.execute(
-        "SELECT " + VERSION_SQL + " FROM pg_class c WHERE c.oid = %s", (oid,)
-    ).fetchone()
-    return None if row is None else str(row[0])
 
 
 def screen_sql(rules: Rules) -> sql.Composed:

@@ -44,12 +44,18 @@ from kfast.errors import (
 from kfast.sinks import PipelineInfo, Sink
 from kfast.sinks._pgcopy import CopyEncoder, EncodeError
 from kfast.sinks.postgres import catalog
-from kfast.sinks.postgres.catalog import PROBE_TABLE, STAGE_TABLE, TableInfo
+from kfast.sinks.postgres.catalog import (
+    PROBE_TABLE,
+    STAGE_TABLE,
+    TableInfo,
+    rules_version,
+    table_state,
+)
 from kfast.sinks.postgres.connection import Connections
 from kfast.sinks.postgres.copy import CopyTiming, copy_rows, copy_sql, encode_error, pre_encode
 from kfast.sinks.postgres.exactly_once import fence, read_offsets, store_offsets
 from kfast.sinks.postgres.plan import Plan, build_plan, table_definition
-from kfast.sinks.postgres.prescreen import PreScreen, table_state
+from kfast.sinks.postgres.prescreen import PreScreen
 from kfast.sinks.postgres.prescreen import build as build_prescreen
 from kfast.sinks.postgres.rows import RowTransaction
 from kfast.sinks.postgres.screen import (
@@ -57,7 +63,6 @@ from kfast.sinks.postgres.screen import (
     Rules,
     Screener,
     read_rules,
-    rules_version,
     screen_sql,
 )
 from kfast.sinks.postgres.sqlstate import classify, classify_connect, copy_row_hint
