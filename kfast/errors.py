@@ -55,8 +55,11 @@ class PermanentSinkError(SinkError):
     failed write, of the row the sink believes caused the failure (e.g. the
     line PostgreSQL reported for a COPY). It is only a hint: the delivery
     layer confirms it by writing that row alone, and ignores it when absent
-    or out of range.
+    or out of range. ``client_side``: the sink judged the row itself before sending
+    anything (so the write sent nothing).
     """
+
+    client_side = False
 
     def __init__(
         self, message: str, *, sqlstate: str | None = None, row: int | None = None

@@ -231,7 +231,7 @@ class Isolation:
         """Steps 0-3 (the caller commits); raises ``GiveUp``. ``first``: the failure of the
         batch's plain write, or None when it was not tried (the screen goes first)."""
         found = self._client_check(1 if first is None else 2)
-        if first is not None and (found or getattr(first, "client_side", False)):
+        if first is not None and (found or first.client_side):
             # Nothing was sent, or the failure may be a row found here: COPY the rest first.
             first, self.screen_first = None, False
         if first is None and not self.screen_first:
