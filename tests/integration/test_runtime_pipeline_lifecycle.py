@@ -244,11 +244,13 @@ def test_async_with(kafka_broker, kafka_consumer_config, unique_topic, unique_gr
 def test_fifty_pipelines_leak_nothing(
     kafka_broker, kafka_consumer_config, unique_topic, unique_group
 ):
-    """Start and stop 50 pipelines in one process, with the metrics server and signal
-    handlers: threads, file descriptors, the port and RSS come back."""
+    """Start and stop 50 pipelines in one process, with the metrics server, signal handlers
+    and a dead-letter producer (made at start): threads (Python and librdkafka's), file
+    descriptors, the port and RSS come back."""
     from kfast.runtime.pipeline import _rss_bytes
 
     kafka_broker.create_topic(unique_topic, partitions=1)
+    kafka_broker.create_topic(unique_topic + "-dlq", partitions=1)
     produce_ids(kafka_broker, unique_topic, 0, 50, 1)
     port = _free_port()
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
@@ -261,6 +263,7 @@ def test_fifty_pipelines_leak_nothing(
             kfast.AvroDecoder(SCHEMA),
             rec,
             metrics_port=port,  # the same port every time: freed at once on exit
+            dlq=kfast.DeadLetterPolicy(topic=unique_topic + "-dlq"),
             memory_limit="48MiB",
             install_signal_handlers=True,
         )
@@ -282,10 +285,12 @@ def test_fifty_pipelines_leak_nothing(
         one(i)
     gc.collect()
     threads, fds, rss = threading.active_count(), _fds(), _rss_bytes()
+    native = len(os.listdir("/proc/self/task"))
     for i in range(5, 50):
         one(i)
     gc.collect()
     assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
+    assert len(os.listdir("/proc/self/task")) == native
     assert _fds() <= fds + 2
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     grown = (_rss_bytes() - rss) / 2**20
